@@ -5,11 +5,13 @@ shapes, with no register spills, and that index arithmetic that can exceed 2^31 
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
+import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import triton
 from triton.backends.compiler import GPUTarget
@@ -28,12 +30,21 @@ class CompiledInfo:
         return self.stack_bytes > 0 or self.local_bytes > 0
 
 
-def compile_sm90(fn, signature: dict, constexprs: dict, num_warps: int = 4, num_stages: int = 3) -> CompiledInfo:
+def compile_sm90(fn, signature: dict, constexprs: dict, num_warps: int = 4, num_stages: int = 3,
+                 divisible_by_16: tuple = ()) -> CompiledInfo:
     """Compile `fn` (a @triton.jit function) for sm_90 and read its resource usage from the cubin.
 
     signature: {arg name: "*bf16" | "*fp32" | "i32" | "i64" | "fp32" | "constexpr"}; constexprs: {name: value}.
+    divisible_by_16: names of pointer / int args that the launcher's JIT would specialize as multiples of 16 (16-byte
+    aligned pointers, strides such as H*Dh): without them the AOT build cannot vectorize loads as the real one does.
+
+    Under TRITON_INTERPRET=1 (as in the tests) @triton.jit yields interpreter objects that cannot be compiled, so
+    the build runs in a child process without the interpreter, importing `fn` by its module and name.
     """
-    src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+    if os.environ.get("TRITON_INTERPRET") == "1" or not hasattr(fn, "cache_key"):
+        return _compile_in_child(fn, signature, constexprs, num_warps, num_stages, divisible_by_16)
+    attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in divisible_by_16}
+    src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
     compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                               options={"num_warps": num_warps, "num_stages": num_stages})
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
@@ -46,3 +57,22 @@ def compile_sm90(fn, signature: dict, constexprs: dict, num_warps: int = 4, num_
     if m is None:
         raise RuntimeError(f"could not read resource usage from cuobjdump:\n{usage}")
     return CompiledInfo(int(m.group(1)), int(m.group(2)), int(m.group(3)), compiled.asm["ttir"], compiled.asm["ptx"])
+
+
+def _compile_in_child(fn, signature, constexprs, num_warps, num_stages, divisible_by_16) -> CompiledInfo:
+    py_fn = getattr(fn, "fn", fn)
+    args = json.dumps([py_fn.__module__, py_fn.__name__, signature, constexprs, num_warps, num_stages,
+                       list(divisible_by_16)])
+    code = ("import importlib, json, sys\n"
+            "from dataclasses import asdict\n"
+            "from kernels._aot import compile_sm90\n"
+            "mod, name, sig, cx, nw, ns, div = json.loads(sys.argv[1])\n"
+            "info = compile_sm90(getattr(importlib.import_module(mod), name), sig, cx, nw, ns, tuple(div))\n"
+            "print(json.dumps(asdict(info)))\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+    done = subprocess.run([sys.executable, "-c", code, args], capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        raise RuntimeError(f"sm_90 compile of {py_fn.__name__} failed:\n{done.stderr[-4000:]}")
+    return CompiledInfo(**json.loads(done.stdout.strip().splitlines()[-1]))

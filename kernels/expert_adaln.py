@@ -6,14 +6,26 @@
 x is the joint sequence (B, S, D) = [text | vision]; e(s) = 0 for s < text_len (the text expert), 1 otherwise.
 With E = 1 one expert modulates every token. One LayerNorm weight/bias serves both experts.
 
-TRITON KERNELS: TO BE WRITTEN (helper). The reference below is the readable definition.
+Fused: one kernel reads x (and y) once and writes x_new (residual stream) and out once; LayerNorm statistics,
+the residual and the modulation stay in registers. x_new is rounded to x.dtype before the LayerNorm, as the
+reference (and the unfused model) does. The backward kernel recomputes mean/rstd from the row it reads anyway
+(x for expert_adaln, the saved x_new for the residual op), so the forward saves no statistics, and writes dx
+(and dy) once. Reductions over tokens (dshift, dscale, dgate per expert; dweight, dbias) are per-program fp32
+partials, summed on the host in a fixed order: deterministic, no atomics.
+
+Layout: one program owns a block of rows of one batch element and walks it in at most two segments (text rows,
+then vision rows), loading the segment's modulation vectors once; each row is one BLOCK_D-wide vector.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
-from ._dispatch import check_like, check_shape, check_tensor, check_text_len
+from ._dispatch import check_like, check_shape, check_tensor, check_text_len, last_dim_contiguous, use_triton
 
 
 def expert_rows(p: torch.Tensor, text_len: int, seq_len: int) -> torch.Tensor:
@@ -22,6 +34,13 @@ def expert_rows(p: torch.Tensor, text_len: int, seq_len: int) -> torch.Tensor:
     if E == 1:
         return p.expand(B, seq_len, D)
     return torch.cat([p[:, :1].expand(B, text_len, D), p[:, 1:].expand(B, seq_len - text_len, D)], dim=1)
+
+
+def expert_sum(t: torch.Tensor, text_len: int, E: int) -> torch.Tensor:
+    """(B, S, D) per-token values -> (B, E, D) sums over each expert's tokens (the adjoint of expert_rows)."""
+    if E == 1:
+        return t.sum(1, keepdim=True)
+    return torch.stack([t[:, :text_len].sum(1), t[:, text_len:].sum(1)], dim=1)
 
 
 def expert_adaln_ref(x, shift, scale, text_len, weight=None, bias=None, eps=1e-5):
@@ -39,6 +58,327 @@ def expert_adaln_residual_ref(x, y, gate, shift, scale, text_len, weight=None, b
     S = x.shape[1]
     x_new = (x.float() + expert_rows(gate.float(), text_len, S) * y.float()).to(x.dtype)
     return x_new, expert_adaln_ref(x_new, shift, scale, text_len, weight, bias, eps)
+
+
+@triton.jit
+def _segment(pid, text_len, S, rows_per_prog, e: tl.constexpr, E: tl.constexpr):
+    """Rows [lo, hi) of this program's block that expert e modulates (empty when hi <= lo)."""
+    lo = pid * rows_per_prog
+    hi = tl.minimum(lo + rows_per_prog, S)
+    if E == 2:
+        if e == 0:
+            hi = tl.minimum(hi, text_len)
+        else:
+            lo = tl.maximum(lo, text_len)
+    return lo, hi
+
+
+@triton.jit
+def _expert_adaln_fwd_kernel(
+    X, Y, XN, OUT, GATE, SHIFT, SCALE, W, Bias,
+    S, D, text_len, rows_per_prog, eps,
+    s_xb, s_xs, s_yb, s_ys, s_gb, s_ge, s_hb, s_he, s_cb, s_ce,
+    E: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)  # int64 before any stride multiply: B*S*D may exceed 2^31
+    eps = tl.cast(eps, tl.float32)  # inductor may pass an fp64 scalar
+    cols = tl.arange(0, BLOCK_D)
+    mask = cols < D
+    w = tl.load(W + cols, mask=mask, other=1.0).to(tl.float32) if HAS_WEIGHT else 1.0
+    bb = tl.load(Bias + cols, mask=mask, other=0.0).to(tl.float32) if HAS_BIAS else 0.0
+    for e in tl.static_range(E):
+        lo, hi = _segment(pid, text_len, S, rows_per_prog, e, E)
+        shift = tl.load(SHIFT + b * s_hb + e * s_he + cols, mask=mask, other=0.0).to(tl.float32)
+        scale1 = 1.0 + tl.load(SCALE + b * s_cb + e * s_ce + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_RESIDUAL:
+            gate = tl.load(GATE + b * s_gb + e * s_ge + cols, mask=mask, other=0.0).to(tl.float32)
+        for r in range(lo, hi):
+            r64 = tl.cast(r, tl.int64)
+            x = tl.load(X + b * s_xb + r64 * s_xs + cols, mask=mask, other=0.0).to(tl.float32)
+            o_off = (b * S + r64) * D + cols  # XN and OUT are new contiguous (B, S, D) tensors
+            if HAS_RESIDUAL:
+                y = tl.load(Y + b * s_yb + r64 * s_ys + cols, mask=mask, other=0.0).to(tl.float32)
+                xn = (x + gate * y).to(XN.dtype.element_ty)
+                tl.store(XN + o_off, xn, mask=mask)
+                x = xn.to(tl.float32)  # normalize the rounded residual stream, as the unfused model does
+            mean = tl.sum(x, axis=0) / D
+            xc = tl.where(mask, x - mean, 0.0)
+            rstd = tl.rsqrt(tl.sum(xc * xc, axis=0) / D + eps)
+            out = (xc * rstd * w + bb) * scale1 + shift
+            tl.store(OUT + o_off, out.to(OUT.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _expert_adaln_bwd_kernel(
+    DOUT, DXN, X, Y, GATE, SCALE, W, Bias, DX, DY, PART,
+    S, D, text_len, rows_per_prog, eps,
+    s_xb, s_xs, s_yb, s_ys, s_gb, s_ge, s_cb, s_ce,
+    E: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_DXN: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """X is the LayerNorm input: x (expert_adaln) or the saved x_new (residual). DOUT, DXN, DX, DY: contiguous.
+
+    PART: (planes, B * P, E, D) fp32 partial sums of this program's rows per expert; planes in order
+    dshift, dscale, [dgate], [dweight], [dbias]. Every element is written (zeros for an empty segment).
+    """
+    pid = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    eps = tl.cast(eps, tl.float32)  # inductor may pass an fp64 scalar
+    cols = tl.arange(0, BLOCK_D)
+    mask = cols < D
+    plane = (tl.num_programs(0) * tl.num_programs(1)).to(tl.int64) * E * D
+    part = ((b * tl.num_programs(0) + pid) * E) * D + cols
+    PL_W: tl.constexpr = 2 + HAS_RESIDUAL
+    PL_B: tl.constexpr = PL_W + HAS_WEIGHT
+    w = tl.load(W + cols, mask=mask, other=1.0).to(tl.float32) if HAS_WEIGHT else 1.0
+    bb = tl.load(Bias + cols, mask=mask, other=0.0).to(tl.float32) if HAS_BIAS else 0.0
+    for e in tl.static_range(E):
+        lo, hi = _segment(pid, text_len, S, rows_per_prog, e, E)
+        scale1 = 1.0 + tl.load(SCALE + b * s_cb + e * s_ce + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_RESIDUAL:
+            gate = tl.load(GATE + b * s_gb + e * s_ge + cols, mask=mask, other=0.0).to(tl.float32)
+        # Per segment, scale1, w and b are constant vectors, so two token sums give four of the five gradients:
+        # dshift = sum(dout), dscale = w * sum(dout*xhat) + b * sum(dout), dweight += scale1 * sum(dout*xhat),
+        # dbias += scale1 * sum(dout). Three accumulators instead of five keep the loop in registers.
+        acc_do = tl.zeros([BLOCK_D], dtype=tl.float32)
+        acc_doxh = tl.zeros([BLOCK_D], dtype=tl.float32)
+        acc_gate = tl.zeros([BLOCK_D], dtype=tl.float32)
+        for r in range(lo, hi):
+            r64 = tl.cast(r, tl.int64)
+            g_off = (b * S + r64) * D + cols
+            x = tl.load(X + b * s_xb + r64 * s_xs + cols, mask=mask, other=0.0).to(tl.float32)
+            dout = tl.load(DOUT + g_off, mask=mask, other=0.0).to(tl.float32)
+            mean = tl.sum(x, axis=0) / D
+            xc = tl.where(mask, x - mean, 0.0)
+            rstd = tl.rsqrt(tl.sum(xc * xc, axis=0) / D + eps)
+            xhat = xc * rstd
+            acc_do += dout
+            acc_doxh += dout * xhat
+            dxhat = dout * scale1 * w               # d(xhat); normed = xhat * w + b, out = normed * scale1 + shift
+            c1 = tl.sum(dxhat * xhat, axis=0) / D
+            c2 = tl.sum(dxhat, axis=0) / D
+            dx = (dxhat - (xhat * c1 + c2)) * rstd
+            if HAS_DXN:
+                dx += tl.load(DXN + g_off, mask=mask, other=0.0).to(tl.float32)
+            tl.store(DX + g_off, dx.to(DX.dtype.element_ty), mask=mask)
+            if HAS_RESIDUAL:
+                y = tl.load(Y + b * s_yb + r64 * s_ys + cols, mask=mask, other=0.0).to(tl.float32)
+                acc_gate += dx * y
+                tl.store(DY + g_off, (dx * gate).to(DY.dtype.element_ty), mask=mask)
+        p_off = part + e * D
+        tl.store(PART + p_off, acc_do, mask=mask)
+        tl.store(PART + plane + p_off, acc_doxh * w + acc_do * bb, mask=mask)
+        if HAS_RESIDUAL:
+            tl.store(PART + 2 * plane + p_off, acc_gate, mask=mask)
+        if HAS_WEIGHT:
+            tl.store(PART + PL_W * plane + p_off, acc_doxh * scale1, mask=mask)
+        if HAS_BIAS:
+            tl.store(PART + PL_B * plane + p_off, acc_do * scale1, mask=mask)
+
+
+INTERPRETER_SMS = 1  # CPU interpreter: few programs, so small test shapes give programs that straddle text_len
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return INTERPRETER_SMS
+
+
+def launch_config(B: int, S: int, D: int, n_sm: int) -> dict:
+    """Block size, warps and rows per program of both kernels for a (B, S, D) problem on n_sm SMs.
+
+    One row is one BLOCK_D vector. Forward: 16 elements per thread, ~16 programs per SM so the segment's
+    modulation vectors are read once per ~S*B/(16 n_sm) rows (17 at 2 x 17,776 tokens on 132 SMs).
+    Backward: 8 elements per thread (three accumulators, four parameter vectors and four rows in flight fit
+    in 128 registers at 16 warps: no spills, see tests) and ~2 programs per SM, which keeps the fp32
+    partials small: at most 5 planes x 264 programs x E x D x 4 B, 32 MB for 5B (~5% of the backward's traffic).
+    """
+    block_d = triton.next_power_of_2(D)
+    fwd_rows = triton.cdiv(S, max(1, triton.cdiv(16 * n_sm, B)))
+    bwd_rows = triton.cdiv(S, max(1, triton.cdiv(2 * n_sm, B)))
+    return dict(BLOCK_D=block_d, fwd_warps=max(1, min(16, block_d // 512)), bwd_warps=max(1, min(16, block_d // 256)),
+                fwd_rows=fwd_rows, fwd_progs=triton.cdiv(S, fwd_rows),
+                bwd_rows=bwd_rows, bwd_progs=triton.cdiv(S, bwd_rows))
+
+
+_alloc = torch.empty  # every buffer the kernels fill; the tests swap in a NaN-filled one to catch unwritten elements
+
+
+def _mod_strides(p):
+    return (p.stride(0), p.stride(1)) if p is not None else (0, 0)
+
+
+def expert_adaln_fwd(x, y, gate, shift, scale, text_len, weight, bias, eps):
+    """Launch the forward kernel. y, gate None: expert_adaln -> (None, out); else -> (x_new, out)."""
+    B, S, D = x.shape
+    x, shift, scale = last_dim_contiguous(x), last_dim_contiguous(shift), last_dim_contiguous(scale)
+    res = y is not None
+    if res:
+        y, gate = last_dim_contiguous(y), last_dim_contiguous(gate)
+    w = last_dim_contiguous(weight) if weight is not None else None
+    bi = last_dim_contiguous(bias) if bias is not None else None
+    cfg = launch_config(B, S, D, _num_sms(x.device))
+    out = _alloc((B, S, D), dtype=x.dtype, device=x.device)
+    x_new = _alloc((B, S, D), dtype=x.dtype, device=x.device) if res else None
+    _expert_adaln_fwd_kernel[(cfg["fwd_progs"], B)](
+        x, y, x_new, out, gate, shift, scale, w, bi,
+        S, D, text_len, cfg["fwd_rows"], eps,
+        x.stride(0), x.stride(1), *(_mod_strides(y)), *(_mod_strides(gate)), *(_mod_strides(shift)),
+        *(_mod_strides(scale)),
+        E=shift.shape[1], HAS_RESIDUAL=int(res), HAS_WEIGHT=int(w is not None), HAS_BIAS=int(bi is not None),
+        BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["fwd_warps"],
+    )
+    return x_new, out
+
+
+def expert_adaln_bwd(dout, dx_new, x, y, gate, scale, text_len, weight, bias, eps):
+    """Launch the backward kernel; x is the LayerNorm input. -> dx, dy, dgate, dshift, dscale, dweight, dbias
+    (None for the ones that do not exist)."""
+    B, S, D = x.shape
+    E = scale.shape[1]
+    x, scale = last_dim_contiguous(x), last_dim_contiguous(scale)
+    dout = dout.contiguous()  # incoming grads may be stride-0 expansions (.sum().backward())
+    dx_new = dx_new.contiguous() if dx_new is not None else None
+    res = y is not None
+    if res:
+        y, gate = last_dim_contiguous(y), last_dim_contiguous(gate)
+    w = last_dim_contiguous(weight) if weight is not None else None
+    bi = last_dim_contiguous(bias) if bias is not None else None
+    cfg = launch_config(B, S, D, _num_sms(x.device))
+    P = cfg["bwd_progs"]
+    planes = 2 + int(res) + int(w is not None) + int(bi is not None)
+    part = _alloc((planes, B, P, E, D), dtype=torch.float32, device=x.device)
+    dx = _alloc((B, S, D), dtype=x.dtype, device=x.device)
+    dy = _alloc((B, S, D), dtype=x.dtype, device=x.device) if res else None
+    _expert_adaln_bwd_kernel[(P, B)](
+        dout, dx_new, x, y, gate, scale, w, bi, dx, dy, part,
+        S, D, text_len, cfg["bwd_rows"], eps,
+        x.stride(0), x.stride(1), *(_mod_strides(y)), *(_mod_strides(gate)), *(_mod_strides(scale)),
+        E=E, HAS_RESIDUAL=int(res), HAS_DXN=int(dx_new is not None), HAS_WEIGHT=int(w is not None),
+        HAS_BIAS=int(bi is not None), BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["bwd_warps"],
+    )
+    # Fixed-order reductions over the programs (separate tensors: custom-op outputs must not alias).
+    planes = iter(part.unbind(0))
+    dshift = next(planes).sum(1).to(scale.dtype)
+    dscale = next(planes).sum(1).to(scale.dtype)
+    dgate = next(planes).sum(1).to(gate.dtype) if res else None
+    dweight = next(planes).sum((0, 1, 2)).to(weight.dtype) if w is not None else None
+    dbias = next(planes).sum((0, 1, 2)).to(bias.dtype) if bi is not None else None
+    return dx, dy, dgate, dshift, dscale, dweight, dbias
+
+
+def _expert_adaln_bwd_torch(dout, dx_new, x, y, gate, scale, text_len, weight, bias, eps):
+    """Pure-torch backward (the CPU path), fp32, the same math as the kernel. Written out rather than autograd
+    through the reference: custom-op impls run below the autograd dispatch key, so no graph would be recorded."""
+    B, S, D = x.shape
+    E = scale.shape[1]
+    xf, dout = x.float(), dout.float()
+    xc = xf - xf.mean(-1, keepdim=True)
+    rstd = torch.rsqrt((xc * xc).mean(-1, keepdim=True) + eps)
+    xhat = xc * rstd                                                   # (B, S, D)
+    w = weight.float() if weight is not None else xhat.new_ones(D)
+    normed = xhat * w + (bias.float() if bias is not None else 0.0)
+    dn = dout * (1 + expert_rows(scale.float(), text_len, S))         # d(normed)
+    dxhat = dn * w
+    dx = rstd * (dxhat - dxhat.mean(-1, keepdim=True) - xhat * (dxhat * xhat).mean(-1, keepdim=True))
+    if dx_new is not None:
+        dx = dx + dx_new.float()
+    dy = (dx * expert_rows(gate.float(), text_len, S)).to(y.dtype) if y is not None else None
+    dgate = expert_sum(dx * y.float(), text_len, E).to(gate.dtype) if y is not None else None
+    dshift = expert_sum(dout, text_len, E).to(scale.dtype)
+    dscale = expert_sum(dout * normed, text_len, E).to(scale.dtype)
+    dweight = (dn * xhat).sum((0, 1)).to(weight.dtype) if weight is not None else None
+    dbias = dn.sum((0, 1)).to(bias.dtype) if bias is not None else None
+    return dx.to(x.dtype), dy, dgate, dshift, dscale, dweight, dbias
+
+
+@torch.library.custom_op("cogvideox::expert_adaln", mutates_args=())
+def _expert_adaln_op(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, text_len: int,
+                     weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
+    if use_triton(x) and x.numel() > 0:
+        return expert_adaln_fwd(x, None, None, shift, scale, text_len, weight, bias, eps)[1]
+    return expert_adaln_ref(x, shift, scale, text_len, weight, bias, eps)
+
+
+@torch.library.custom_op("cogvideox::expert_adaln_residual", mutates_args=())
+def _expert_adaln_residual_op(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, shift: torch.Tensor,
+                              scale: torch.Tensor, text_len: int, weight: torch.Tensor | None,
+                              bias: torch.Tensor | None, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    if use_triton(x) and x.numel() > 0:
+        return expert_adaln_fwd(x, y, gate, shift, scale, text_len, weight, bias, eps)
+    return expert_adaln_residual_ref(x, y, gate, shift, scale, text_len, weight, bias, eps)
+
+
+_EMPTY_GRAD_SHAPE = (0,)  # custom ops cannot return None: absent gradients travel as empty tensors
+_SEVEN_GRADS = tuple[(torch.Tensor,) * 7]  # dx, dy, dgate, dshift, dscale, dweight, dbias
+
+
+@torch.library.custom_op("cogvideox::expert_adaln_bwd", mutates_args=())
+def _expert_adaln_bwd_op(dout: torch.Tensor, dx_new: torch.Tensor | None, x: torch.Tensor, y: torch.Tensor | None,
+                         gate: torch.Tensor | None, scale: torch.Tensor, text_len: int, weight: torch.Tensor | None,
+                         bias: torch.Tensor | None, eps: float) -> _SEVEN_GRADS:
+    """-> dx, dy, dgate, dshift, dscale, dweight, dbias; x is the LayerNorm input (x_new for the residual op)."""
+    args = (dout, dx_new, x, y, gate, scale, text_len, weight, bias, eps)
+    if use_triton(x) and x.numel() > 0:
+        grads = expert_adaln_bwd(*args)
+    else:
+        grads = _expert_adaln_bwd_torch(*args)
+    return tuple(g if g is not None else x.new_empty(_EMPTY_GRAD_SHAPE) for g in grads)
+
+
+@_expert_adaln_op.register_fake
+def _(x, shift, scale, text_len, weight, bias, eps):
+    return x.new_empty(x.shape)
+
+
+@_expert_adaln_residual_op.register_fake
+def _(x, y, gate, shift, scale, text_len, weight, bias, eps):
+    return x.new_empty(x.shape), x.new_empty(x.shape)
+
+
+@_expert_adaln_bwd_op.register_fake
+def _(dout, dx_new, x, y, gate, scale, text_len, weight, bias, eps):
+    def like(t):
+        return t.new_empty(t.shape) if t is not None else x.new_empty(_EMPTY_GRAD_SHAPE)
+    return like(x), like(y), like(gate), like(scale), like(scale), like(weight), like(bias)
+
+
+def _grads_out(t, g):
+    return g if t is not None else None
+
+
+def _setup_plain(ctx, inputs, output):
+    x, shift, scale, text_len, weight, bias, eps = inputs
+    ctx.save_for_backward(x, scale, weight, bias)
+    ctx.text_len, ctx.eps = text_len, eps
+
+
+def _backward_plain(ctx, dout):
+    x, scale, weight, bias = ctx.saved_tensors
+    dx, _, _, dshift, dscale, dw, db = torch.ops.cogvideox.expert_adaln_bwd(
+        dout, None, x, None, None, scale, ctx.text_len, weight, bias, ctx.eps)
+    return dx, dshift, dscale, None, _grads_out(weight, dw), _grads_out(bias, db), None
+
+
+def _setup_residual(ctx, inputs, output):
+    x, y, gate, shift, scale, text_len, weight, bias, eps = inputs
+    ctx.save_for_backward(output[0], y, gate, scale, weight, bias)  # x_new: the residual stream lives on anyway
+    ctx.text_len, ctx.eps = text_len, eps
+
+
+def _backward_residual(ctx, dx_new, dout):
+    x_new, y, gate, scale, weight, bias = ctx.saved_tensors  # autograd hands zeros for an unused output
+    dx, dy, dgate, dshift, dscale, dw, db = torch.ops.cogvideox.expert_adaln_bwd(
+        dout, dx_new, x_new, y, gate, scale, ctx.text_len, weight, bias, ctx.eps)
+    return dx, dy, dgate, dshift, dscale, None, _grads_out(weight, dw), _grads_out(bias, db), None
+
+
+_expert_adaln_op.register_autograd(_backward_plain, setup_context=_setup_plain)
+_expert_adaln_residual_op.register_autograd(_backward_residual, setup_context=_setup_residual)
 
 
 def _check(x, mods, text_len, weight, bias):
@@ -64,14 +404,15 @@ def _check(x, mods, text_len, weight, bias):
 def expert_adaln(x, shift, scale, text_len, weight=None, bias=None, eps=1e-5):
     """x: (B, S, D); shift, scale: (B, E, D), E in (1, 2); weight, bias: (D,) or None -> out (B, S, D)."""
     _check(x, {"shift": shift, "scale": scale}, text_len, weight, bias)
-    return expert_adaln_ref(x, shift, scale, text_len, weight, bias, eps)
+    return torch.ops.cogvideox.expert_adaln(x, shift, scale, text_len, weight, bias, float(eps))
 
 
 def expert_adaln_residual(x, y, gate, shift, scale, text_len, weight=None, bias=None, eps=1e-5):
     """x, y: (B, S, D); gate, shift, scale: (B, E, D) -> (x_new, out), both (B, S, D)."""
+    check_tensor("x", x, ndim=3)  # before y's checks, which compare against x
     check_tensor("y", y, ndim=3)
     check_like("y", y, "x", x)
     if y.shape != x.shape:
         raise ValueError(f"y must have the shape of x {tuple(x.shape)}, got {tuple(y.shape)}")
     _check(x, {"gate": gate, "shift": shift, "scale": scale}, text_len, weight, bias)
-    return expert_adaln_residual_ref(x, y, gate, shift, scale, text_len, weight, bias, eps)
+    return torch.ops.cogvideox.expert_adaln_residual(x, y, gate, shift, scale, text_len, weight, bias, float(eps))

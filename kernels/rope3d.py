@@ -8,14 +8,24 @@ vision token n at (t, y, x) (row-major) and channel pair (2k, 2k+1) of axis a in
     out[2k+1] = x[2k+1] cos(ang) + x[2k] sin(ang)
 in fp32, rounded once to x.dtype (../shared/reference/diffusers-cogvideox.md §3). Text tokens are not rotated.
 
-TRITON KERNELS: TO BE WRITTEN (helper). The reference below is the readable definition.
+Fused: one read of x (any strides, e.g. the q slice of the (B, S, 3, H, Dh) QKV GEMM output) and one write of
+out; cos/sin are computed in the kernel (no table in memory). A program owns BLOCK_S tokens and loops over the
+batch and the heads, so its (BLOCK_S, Dh/2) cos/sin are computed once, before the loop, and reused for every
+(batch, head) tile: the transcendental work shrinks with B*H and the kernel stays memory-bound.
+Backward: the rotation is orthogonal, so dz = R(-ang) dy; then LayerNorm backward (mean/rstd recomputed from x,
+nothing but x is saved) and per-program partial sums of dweight/dbias, reduced on the host in a fixed order.
 """
 from __future__ import annotations
 
+import math
+from typing import Optional, Sequence
+
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
-from ._dispatch import check_like, check_shape, check_tensor, check_text_len
+from ._dispatch import check_like, check_shape, check_tensor, check_text_len, last_dim_contiguous, use_triton
 
 
 def default_axes_dim(head_dim: int) -> tuple[int, int, int]:
@@ -57,6 +67,310 @@ def rope3d_ref(x, text_len, grid, start=(0.0, 0.0, 0.0), step=(1.0, 1.0, 1.0), t
     return torch.cat([xf[:, :text_len], vis], dim=1).to(x.dtype)
 
 
+@triton.jit
+def _sincos(a):
+    """sin(a), cos(a) in fp32, max abs error ~9e-8 for |a| < 2^13 (angles here are positions * inv_freq < ~100).
+
+    Quadrant reduction r = a - q*pi/2 with pi/2 in three parts (Cody-Waite; q*part is exact), then the Cephes sinf /
+    cosf polynomials on |r| <= pi/4. tl.sin/tl.cos lower to libdevice, whose huge-argument path costs a local-memory
+    array and twice the instructions; here sin and cos share one reduction.
+    """
+    q = tl.floor(a * 0.6366197723675814 + 0.5)
+    r = a - q * 1.5703125
+    r = r - q * 4.837512969970703125e-4
+    r = r - q * 7.549789954891882e-8
+    z = r * r
+    sr = r + r * z * (-1.6666654611e-1 + z * (8.3321608736e-3 + z * -1.9515295891e-4))
+    cr = 1.0 - 0.5 * z + z * z * (4.166664568298827e-2 + z * (-1.388731625493765e-3 + z * 2.443315711809948e-5))
+    quad = q.to(tl.int32) & 3                      # (sin, cos) of a = (s, c), (c, -s), (-s, -c), (-c, s)
+    sin = tl.where((quad & 1) == 1, cr, sr)
+    cos = tl.where((quad & 1) == 1, sr, cr)
+    sin = tl.where(quad >= 2, -sin, sin)
+    cos = tl.where((quad == 1) | (quad == 2), -cos, cos)
+    return sin, cos
+
+
+@triton.jit
+def _round_out(y, RTNE_BF16: tl.constexpr):
+    """fp32 -> the value the store will hold. The GPU's fp32 -> bf16 cast rounds to nearest even, the interpreter's
+    truncates: on CPU (RTNE_BF16 = 1) round here so that the bf16 parity tests see what the GPU writes."""
+    if RTNE_BF16:
+        bits = y.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        y = tl.where(y != y, y, bits.to(tl.float32, bitcast=True))       # NaN stays NaN
+    return y
+
+
+@triton.jit
+def _rope3d_cos_sin(s, text_len, Hg, Wg, start_t, start_h, start_w, step_t, step_h, step_w, log2_theta,
+                    HEAD_DIM: tl.constexpr, DT: tl.constexpr, DH: tl.constexpr, BLOCK_D: tl.constexpr):
+    """cos, sin (BLOCK_S, BLOCK_D/2) fp32 for tokens s; text tokens get cos 1, sin 0 (no rotation)."""
+    # vision index n = f*Hg*Wg + y*Wg + x; clamped at 0 so text rows divide harmlessly
+    n = tl.maximum(s - text_len, 0)
+    f = n // (Hg * Wg)
+    y = (n // Wg) % Hg
+    x = n % Wg
+    pos_t = start_t + f.to(tl.float32) * step_t
+    pos_h = start_h + y.to(tl.float32) * step_h
+    pos_w = start_w + x.to(tl.float32) * step_w
+    # pair j -> (axis, k): [t: DT/2 pairs | h: DH/2 | w: the rest]
+    j = tl.arange(0, BLOCK_D // 2)
+    is_t = j < DT // 2
+    is_h = (j >= DT // 2) & (j < (DT + DH) // 2)
+    k = tl.where(is_t, j, tl.where(is_h, j - DT // 2, j - (DT + DH) // 2))
+    d = tl.where(is_t, DT, tl.where(is_h, DH, HEAD_DIM - DT - DH)).to(tl.float32)
+    # diffusers: inv_freq = 1 / theta ** (arange(0, d, 2) / d) in fp32
+    inv_freq = tl.exp2(-((2 * k).to(tl.float32) / d) * log2_theta)
+    pos = tl.where(is_t[None, :], pos_t[:, None], tl.where(is_h[None, :], pos_h[:, None], pos_w[:, None]))
+    ang = pos * inv_freq[None, :]
+    sin, cos = _sincos(ang)
+    vision = (s >= text_len)[:, None]
+    return tl.where(vision, cos, 1.0), tl.where(vision, sin, 0.0)
+
+
+@triton.jit
+def _rope3d_fwd_kernel(X, W, Bias, OUT, B, S, H, sxb, sxs, sxh, text_len, Hg, Wg,
+                       start_t, start_h, start_w, step_t, step_h, step_w, log2_theta, eps,
+                       HEAD_DIM: tl.constexpr, DT: tl.constexpr, DH: tl.constexpr, NORM: tl.constexpr,
+                       HAS_W: tl.constexpr, HAS_B: tl.constexpr, RTNE_BF16: tl.constexpr,
+                       BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+    HALF: tl.constexpr = BLOCK_D // 2
+    eps = tl.cast(eps, tl.float32)
+    s = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)                         # (BS,) token
+    cos, sin = _rope3d_cos_sin(s, text_len, Hg, Wg, start_t, start_h, start_w, step_t, step_h, step_w,
+                               log2_theta, HEAD_DIM, DT, DH, BLOCK_D)
+    cos = cos[:, None, :]                                                         # (BS, 1, HALF)
+    sin = sin[:, None, :]
+    c = tl.arange(0, BLOCK_D)
+    c_ok = c < HEAD_DIM
+    if HAS_W:
+        w = tl.load(W + c, mask=c_ok, other=0.0).to(tl.float32)
+    if HAS_B:
+        bb = tl.load(Bias + c, mask=c_ok, other=0.0).to(tl.float32)
+    s64 = s.to(tl.int64)[:, None, None]                                           # 64-bit row offsets
+    sc_ok = (s < S)[:, None, None] & c_ok[None, None, :]
+    for b in range(B):
+        for h0 in range(0, H, BLOCK_H):
+            h = (h0 + tl.arange(0, BLOCK_H)).to(tl.int64)[None, :, None]
+            mask = sc_ok & (h < H)                                                # (BS, BH, BD)
+            x_off = tl.cast(b, tl.int64) * sxb + s64 * sxs + h * sxh + c[None, None, :]
+            x = tl.load(X + x_off, mask=mask, other=0.0).to(tl.float32)
+            if NORM:
+                mean = tl.sum(x, axis=2) / HEAD_DIM
+                xc = tl.where(mask, x - mean[:, :, None], 0.0)
+                rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=2) / HEAD_DIM + eps)
+                x = xc * rstd[:, :, None]
+                if HAS_W:
+                    x = x * w[None, None, :]
+                if HAS_B:
+                    x = x + bb[None, None, :]
+            xe, xo = tl.split(tl.reshape(x, (BLOCK_S, BLOCK_H, HALF, 2)))         # pairs (2k, 2k+1)
+            y = tl.reshape(tl.join(xe * cos - xo * sin, xo * cos + xe * sin), (BLOCK_S, BLOCK_H, BLOCK_D))
+            out_off = ((tl.cast(b, tl.int64) * S + s64) * H + h) * HEAD_DIM + c[None, None, :]
+            tl.store(OUT + out_off, _round_out(y, RTNE_BF16).to(OUT.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rope3d_bwd_kernel(DY, X, W, DX, DW_PART, DB_PART, B, S, H, sxb, sxs, sxh, text_len, Hg, Wg,
+                       start_t, start_h, start_w, step_t, step_h, step_w, log2_theta, eps,
+                       HEAD_DIM: tl.constexpr, DT: tl.constexpr, DH: tl.constexpr, NORM: tl.constexpr,
+                       HAS_W: tl.constexpr, HAS_B: tl.constexpr, RTNE_BF16: tl.constexpr,
+                       BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+    HALF: tl.constexpr = BLOCK_D // 2
+    eps = tl.cast(eps, tl.float32)
+    pid = tl.program_id(0)
+    s = pid * BLOCK_S + tl.arange(0, BLOCK_S)
+    cos, sin = _rope3d_cos_sin(s, text_len, Hg, Wg, start_t, start_h, start_w, step_t, step_h, step_w,
+                               log2_theta, HEAD_DIM, DT, DH, BLOCK_D)
+    cos = cos[:, None, :]
+    sin = sin[:, None, :]
+    c = tl.arange(0, BLOCK_D)
+    c_ok = c < HEAD_DIM
+    if HAS_W:
+        w = tl.load(W + c, mask=c_ok, other=0.0).to(tl.float32)
+    s64 = s.to(tl.int64)[:, None, None]
+    sc_ok = (s < S)[:, None, None] & c_ok[None, None, :]
+    # accumulated over tokens in the loop (axis 0 is per-thread in the usual layout: no shuffles), heads at the end
+    dw_acc = tl.zeros((BLOCK_H, BLOCK_D), dtype=tl.float32)
+    db_acc = tl.zeros((BLOCK_H, BLOCK_D), dtype=tl.float32)
+    for b in range(B):
+        for h0 in range(0, H, BLOCK_H):
+            h = (h0 + tl.arange(0, BLOCK_H)).to(tl.int64)[None, :, None]
+            mask = sc_ok & (h < H)
+            row_off = ((tl.cast(b, tl.int64) * S + s64) * H + h) * HEAD_DIM + c[None, None, :]   # dy, dx: contiguous
+            dy = tl.load(DY + row_off, mask=mask, other=0.0).to(tl.float32)
+            # rotate back by -ang: R(ang)^T dy
+            de, do = tl.split(tl.reshape(dy, (BLOCK_S, BLOCK_H, HALF, 2)))
+            dz = tl.reshape(tl.join(de * cos + do * sin, do * cos - de * sin), (BLOCK_S, BLOCK_H, BLOCK_D))
+            if NORM:
+                x_off = tl.cast(b, tl.int64) * sxb + s64 * sxs + h * sxh + c[None, None, :]
+                x = tl.load(X + x_off, mask=mask, other=0.0).to(tl.float32)
+                mean = tl.sum(x, axis=2) / HEAD_DIM
+                xc = tl.where(mask, x - mean[:, :, None], 0.0)
+                rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=2) / HEAD_DIM + eps)
+                xhat = xc * rstd[:, :, None]
+                if HAS_W:
+                    dw_acc += tl.sum(dz * xhat, axis=0)
+                    dxhat = dz * w[None, None, :]
+                else:
+                    dxhat = dz
+                if HAS_B:
+                    db_acc += tl.sum(dz, axis=0)
+                c1 = tl.sum(xhat * dxhat, axis=2) / HEAD_DIM
+                c2 = tl.sum(dxhat, axis=2) / HEAD_DIM
+                dz = (dxhat - xhat * c1[:, :, None] - c2[:, :, None]) * rstd[:, :, None]
+            tl.store(DX + row_off, _round_out(dz, RTNE_BF16).to(DX.dtype.element_ty), mask=mask)
+    # one partial row per program, summed on the host in a fixed order (deterministic, no atomics)
+    if HAS_W:
+        tl.store(DW_PART + pid.to(tl.int64) * HEAD_DIM + c, tl.sum(dw_acc, axis=0), mask=c_ok)
+    if HAS_B:
+        tl.store(DB_PART + pid.to(tl.int64) * HEAD_DIM + c, tl.sum(db_acc, axis=0), mask=c_ok)
+
+
+def rope3d_config(H: int, head_dim: int, backward: bool = False) -> dict:
+    """Block sizes and warps: each loop step handles a (BLOCK_S tokens, BLOCK_H heads, BLOCK_D channels) tile.
+
+    Tiles of 4096 elements forward, 2048 backward (it holds x, dy and the LayerNorm terms at once): at CogVideoX
+    shapes (Dh = 64, H = 30 or 48, bf16) that is 96 / 96 registers per thread and no spills (AOT sm_90 build, tests).
+    30 heads pad to 32 (2 masked heads cost compute, not memory traffic). Programs: S / BLOCK_S = 4444 forward and
+    8888 backward at S = 17,776, plenty for 132 SMs.
+    """
+    block_d = triton.next_power_of_2(head_dim)
+    block_h = min(triton.next_power_of_2(H), 16)
+    block_s = max(1, (2048 if backward else 4096) // (block_h * block_d))
+    return {"BLOCK_S": block_s, "BLOCK_H": block_h, "BLOCK_D": block_d, "num_warps": 4}
+
+
+def _launch_args(x, text_len, grid, start, step, theta, axes_dim, eps):
+    B, S, H, Dh = x.shape
+    T, Hg, Wg = grid
+    # Hg, Wg >= 1 keeps the kernel's integer divisions defined when there are no vision tokens
+    return ([B, S, H, x.stride(0), x.stride(1), x.stride(2), text_len, max(Hg, 1), max(Wg, 1),
+             float(start[0]), float(start[1]), float(start[2]), float(step[0]), float(step[1]), float(step[2]),
+             math.log2(theta), float(eps)],
+            {"HEAD_DIM": Dh, "DT": axes_dim[0], "DH": axes_dim[1],
+             "RTNE_BF16": int(x.device.type == "cpu" and x.dtype == torch.bfloat16)})
+
+
+def rope3d_fwd(x, text_len, grid, start, step, theta, axes_dim, weight, bias, eps):
+    """Launch the forward kernel. x: (B, S, H, Dh), last stride 1 -> out (B, S, H, Dh) contiguous."""
+    x = last_dim_contiguous(x)
+    B, S, H, Dh = x.shape
+    out = torch.empty((B, S, H, Dh), device=x.device, dtype=x.dtype)
+    if out.numel() == 0:
+        return out
+    cfg = rope3d_config(H, Dh)
+    args, meta = _launch_args(x, text_len, grid, start, step, theta, axes_dim, eps)
+    w = weight.contiguous() if weight is not None else x
+    bb = bias.contiguous() if bias is not None else x
+    norm = int(weight is not None or bias is not None)
+    _rope3d_fwd_kernel[(triton.cdiv(S, cfg["BLOCK_S"]),)](
+        x, w, bb, out, *args, **meta, NORM=norm, HAS_W=int(weight is not None), HAS_B=int(bias is not None),
+        BLOCK_S=cfg["BLOCK_S"], BLOCK_H=cfg["BLOCK_H"], BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"])
+    return out
+
+
+def rope3d_bwd(dy, x, text_len, grid, start, step, theta, axes_dim, weight, bias, eps):
+    """Launch the backward kernel -> dx (like dy), dweight, dbias (None when weight / bias is None).
+
+    x is only read when there is a LayerNorm (the rotation alone is linear); pass None otherwise.
+    """
+    dy = dy.contiguous()
+    B, S, H, Dh = dy.shape
+    norm = weight is not None or bias is not None
+    x = last_dim_contiguous(x) if norm else dy
+    dx = torch.empty_like(dy)
+    cfg = rope3d_config(H, Dh, backward=True)
+    n_prog = triton.cdiv(S, cfg["BLOCK_S"])
+    dw_part = torch.empty((n_prog if weight is not None else 0, Dh), device=dy.device, dtype=torch.float32)
+    db_part = torch.empty((n_prog if bias is not None else 0, Dh), device=dy.device, dtype=torch.float32)
+    if dy.numel() > 0:
+        args, meta = _launch_args(x, text_len, grid, start, step, theta, axes_dim, eps)
+        w = weight.contiguous() if weight is not None else dy
+        _rope3d_bwd_kernel[(n_prog,)](
+            dy, x, w, dx, dw_part, db_part, *args, **meta, NORM=int(norm), HAS_W=int(weight is not None),
+            HAS_B=int(bias is not None), BLOCK_S=cfg["BLOCK_S"], BLOCK_H=cfg["BLOCK_H"], BLOCK_D=cfg["BLOCK_D"],
+            num_warps=cfg["num_warps"])
+    dweight = dw_part.sum(0).to(weight.dtype) if weight is not None else None
+    dbias = db_part.sum(0).to(bias.dtype) if bias is not None else None
+    return dx, dweight, dbias
+
+
+def _rope3d_bwd_ref(dy, x, text_len, grid, start, step, theta, axes_dim, weight, bias, eps):
+    """Pure-torch backward in fp32 (explicit: autograd is off inside a custom op's implementation).
+
+    x is only needed for the LayerNorm; pass None without one.
+    """
+    dyf = dy.float()
+    cos, sin = rope3d_table(grid, start, step, theta, axes_dim, device=dy.device)
+    vis = dyf[:, text_len:]                                          # (B, N, H, Dh)
+    rotated = torch.stack([vis[..., 1::2], -vis[..., 0::2]], dim=-1).flatten(-2)      # R(ang)^T = R(-ang)
+    dz = torch.cat([dyf[:, :text_len], vis * cos[None, :, None] + rotated * sin[None, :, None]], dim=1)
+    if weight is None and bias is None:
+        return dz.to(dy.dtype), None, None
+    xf = x.float()
+    xc = xf - xf.mean(-1, keepdim=True)
+    rstd = torch.rsqrt(xc.pow(2).mean(-1, keepdim=True) + eps)
+    xhat = xc * rstd
+    dxhat = dz if weight is None else dz * weight.float()
+    dx = rstd * (dxhat - dxhat.mean(-1, keepdim=True) - xhat * (dxhat * xhat).mean(-1, keepdim=True))
+    dw = None if weight is None else (dz * xhat).sum((0, 1, 2)).to(weight.dtype)
+    db = None if bias is None else dz.sum((0, 1, 2)).to(bias.dtype)
+    return dx.to(dy.dtype), dw, db
+
+
+@torch.library.custom_op("cogvideox::rope3d", mutates_args=())
+def _rope3d_op(x: torch.Tensor, text_len: int, grid: Sequence[int], start: Sequence[float], step: Sequence[float],
+               theta: float, axes_dim: Sequence[int], weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+               eps: float) -> torch.Tensor:
+    if use_triton(x):
+        return rope3d_fwd(x, text_len, grid, start, step, theta, axes_dim, weight, bias, eps)
+    return rope3d_ref(x, text_len, grid, start, step, theta, axes_dim, weight, bias, eps).contiguous()
+
+
+@_rope3d_op.register_fake
+def _(x, text_len, grid, start, step, theta, axes_dim, weight, bias, eps):
+    return x.new_empty(x.shape)
+
+
+@torch.library.custom_op("cogvideox::rope3d_bwd", mutates_args=())
+def _rope3d_bwd_op(dy: torch.Tensor, x: Optional[torch.Tensor], text_len: int, grid: Sequence[int],
+                   start: Sequence[float], step: Sequence[float], theta: float, axes_dim: Sequence[int],
+                   weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                   eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    # a custom op cannot return None: absent dweight / dbias come back as empty tensors
+    if use_triton(dy):
+        dx, dw, db = rope3d_bwd(dy, x, text_len, grid, start, step, theta, axes_dim, weight, bias, eps)
+    else:
+        dx, dw, db = _rope3d_bwd_ref(dy.contiguous(), x, text_len, grid, start, step, theta, axes_dim, weight,
+                                     bias, eps)
+    return dx, dy.new_empty(0) if dw is None else dw, dy.new_empty(0) if db is None else db
+
+
+@_rope3d_bwd_op.register_fake
+def _(dy, x, text_len, grid, start, step, theta, axes_dim, weight, bias, eps):
+    return (dy.new_empty(dy.shape), dy.new_empty(0) if weight is None else weight.new_empty(weight.shape),
+            dy.new_empty(0) if bias is None else bias.new_empty(bias.shape))
+
+
+def _setup_context(ctx, inputs, output):
+    x, text_len, grid, start, step, theta, axes_dim, weight, bias, eps = inputs
+    norm = weight is not None or bias is not None
+    ctx.save_for_backward(x if norm else None, weight, bias)   # without a norm, backward needs no activation
+    ctx.args = (text_len, grid, start, step, theta, axes_dim)
+    ctx.eps = eps
+
+
+def _backward(ctx, dy):
+    x, weight, bias = ctx.saved_tensors
+    dx, dw, db = _rope3d_bwd_op(dy.contiguous(), x, *ctx.args, weight, bias, ctx.eps)
+    return (dx, None, None, None, None, None, None, dw if weight is not None else None,
+            db if bias is not None else None, None)
+
+
+_rope3d_op.register_autograd(_backward, setup_context=_setup_context)
+
+
 def _check(x, text_len, grid, axes_dim, weight, bias):
     check_tensor("x", x, ndim=4)
     B, S, H, Dh = x.shape
@@ -81,6 +395,16 @@ def _check(x, text_len, grid, axes_dim, weight, bias):
 
 def rope3d(x, text_len, grid, start=(0.0, 0.0, 0.0), step=(1.0, 1.0, 1.0), theta=10000.0, axes_dim=None,
            weight=None, bias=None, eps=1e-6):
-    """x: (B, S, H, Dh) q or k; grid (T, Hg, Wg) of the vision tokens -> out (B, S, H, Dh)."""
+    """x: (B, S, H, Dh) q or k (any strides, last one 1); grid (T, Hg, Wg) of the vision tokens -> out (B, S, H, Dh).
+
+    start / step: per-axis (t, h, w) positions start + index * step (fractional at non-native resolutions).
+    weight / bias: (Dh,) LayerNorm affine shared by all heads; LayerNorm runs on every token when either is given.
+    """
     axes_dim = _check(x, text_len, grid, axes_dim, weight, bias)
-    return rope3d_ref(x, text_len, grid, start, step, theta, axes_dim, weight, bias, eps)
+    for name, v in (("start", start), ("step", step)):
+        if len(v) != 3:
+            raise ValueError(f"{name} must hold three floats (t, h, w), got {v}")
+    if not theta > 0:
+        raise ValueError(f"theta must be positive, got {theta}")
+    return _rope3d_op(x, text_len, list(grid), [float(v) for v in start], [float(v) for v in step], float(theta),
+                      list(axes_dim), weight, bias, float(eps))

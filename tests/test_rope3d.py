@@ -1,0 +1,363 @@
+"""rope3d: q/k LayerNorm + 3D RoPE. Triton kernels (in the interpreter) against the fp32 reference, diffusers 0.42.1,
+torch.library checks, torch.compile, determinism, and the sm_90 AOT build (spills, 64-bit offsets)."""
+import importlib
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from conftest import assert_parity
+
+R = importlib.import_module("kernels.rope3d")   # the module; `kernels.rope3d` the attribute is the function
+rope3d, rope3d_ref, rope3d_table = R.rope3d, R.rope3d_ref, R.rope3d_table
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _x(B, S, H, Dh, dtype, layout):
+    """Fresh random x; "qkv": the k slice of a fused (B, S, 3, H, Dh) projection, as the model passes it."""
+    if layout == "qkv":
+        return torch.randn(B, S, 3, H, Dh).to(dtype)[:, :, 1]
+    if layout == "bhsd":                                # diffusers' (B, H, S, Dh) layout, transposed
+        return torch.randn(B, H, S, Dh).to(dtype).transpose(1, 2)
+    if layout == "expand":                              # stride 0 over batch and heads
+        return torch.randn(1, S, 1, Dh).to(dtype).expand(B, S, H, Dh)
+    return torch.randn(B, S, H, Dh).to(dtype)
+
+
+def _plain(x, text_len, grid, start, step, theta, axes_dim, weight, bias, eps):
+    """What diffusers does in x.dtype: nn.LayerNorm in x.dtype, then apply_rotary_emb (fp32 math, cast back)."""
+    Dh = x.shape[-1]
+    if weight is not None or bias is not None:
+        x = F.layer_norm(x, (Dh,), weight, bias, eps)
+    cos, sin = rope3d_table(grid, start, step, theta, axes_dim or R.default_axes_dim(Dh))
+    vis = x[:, text_len:]
+    rot = torch.stack([-vis[..., 1::2], vis[..., 0::2]], dim=-1).flatten(-2)
+    vis = (vis.float() * cos[None, :, None] + rot.float() * sin[None, :, None]).to(x.dtype)
+    return torch.cat([x[:, :text_len], vis], dim=1)
+
+
+def _run(fn, x, dy, weight, bias, args, kwargs):
+    """Forward and the gradients of every given input, for dy."""
+    leaves = [t.detach().requires_grad_() if t is not None else None for t in (x, weight, bias)]
+    out = fn(leaves[0], *args, weight=leaves[1], bias=leaves[2], **kwargs)
+    live = [t for t in leaves if t is not None]
+    grads = iter(torch.autograd.grad(out, live, dy))
+    return out.detach(), [next(grads) if t is not None else None for t in leaves]
+
+
+CASES = {
+    # name: B, H, Dh, axes_dim, text_len, grid, start, step, norm ("wb", "w", "b", None), x layout
+    "cogvideox_small": (2, 3, 64, None, 7, (2, 3, 5), (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), "wb", "qkv"),
+    "dh32_text0_t1": (1, 5, 32, (8, 12, 12), 0, (1, 3, 7), (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), None, "contig"),
+    "text1_weight_only": (2, 2, 64, None, 1, (2, 2, 3), (0.0, 2.0, 0.0), (1.0, 0.51995, 1.0), "w", "qkv"),
+    "long_text_fractional": (1, 3, 64, None, 21, (1, 2, 4), (0.0, 2.0, 0.5), (1.0, 4.2, 9.75), "wb", "bhsd"),
+    "dh48_not_pow2_bias_only": (2, 17, 48, (12, 18, 18), 2, (3, 1, 2), (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), "b", "qkv"),
+    "expanded_x": (2, 4, 64, None, 5, (1, 2, 2), (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), "wb", "expand"),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CASES)
+def test_parity_forward_backward(triton_kernels, case, dtype):
+    B, H, Dh, axes_dim, text_len, grid, start, step, norm, layout = CASES[case]
+    S = text_len + grid[0] * grid[1] * grid[2]
+    x = _x(B, S, H, Dh, dtype, layout)
+    weight = (1 + 0.3 * torch.randn(Dh)).to(dtype) if norm in ("wb", "w") else None
+    bias = (0.3 * torch.randn(Dh)).to(dtype) if norm in ("wb", "b") else None
+    dy = torch.randn(B, S, H, Dh).to(dtype)
+    args, kw = (text_len, grid), dict(start=start, step=step, axes_dim=axes_dim)
+    f32 = [t.float() if t is not None else None for t in (x, weight, bias)]
+
+    out, grads = _run(rope3d, x, dy, weight, bias, args, kw)
+    ref, ref_grads = _run(rope3d_ref, *f32[:1], dy.float(), *f32[1:], args, kw)
+    plain, plain_grads = None, [None] * 3
+    if dtype != torch.float32:
+        def plain_fn(x, weight=None, bias=None):
+            return _plain(x, text_len, grid, start, step, 10000.0, axes_dim, weight, bias, 1e-6)
+        plain, plain_grads = _run(plain_fn, x, dy, weight, bias, (), {})
+    assert out.dtype == dtype and out.is_contiguous()
+    assert_parity(out, ref, plain, name="out")
+    for name, g, r, p in zip(("dx", "dweight", "dbias"), grads, ref_grads, plain_grads):
+        if r is None:
+            continue
+        assert g.dtype == dtype
+        assert_parity(g, r, p, name=name)
+
+
+def test_text_tokens_pass_through_and_vision_rotated(triton_kernels):
+    x = torch.randn(2, 4 + 6, 3, 64)
+    out = rope3d(x, 4, (1, 2, 3))
+    assert torch.equal(out[:, :4], x[:, :4])          # no norm, no rotation: text rows are copied bit for bit
+    assert not torch.allclose(out[:, 5:], x[:, 5:])   # every vision token but (0, 0, 0) moves
+    assert torch.allclose(out.norm(dim=-1), x.norm(dim=-1), rtol=1e-5)   # a rotation keeps the norm
+
+
+@pytest.mark.parametrize("norm", [False, True])
+def test_stride0_gradient(triton_kernels, norm):
+    """.sum().backward() hands backward an expanded, stride-0 dy."""
+    x = _x(2, 3 + 12, 3, 64, torch.float32, "qkv")
+    weight, bias = (torch.randn(64), torch.randn(64)) if norm else (None, None)
+    grads = []
+    for fn in (rope3d, rope3d_ref):
+        leaves = [t.detach().requires_grad_() for t in (x, weight, bias) if t is not None]
+        fn(leaves[0], 3, (1, 3, 4), weight=leaves[1] if norm else None,
+           bias=leaves[2] if norm else None).sum().backward()
+        grads.append([t.grad for t in leaves])
+    for ours, ref in zip(*grads):
+        assert_parity(ours, ref)
+
+
+def test_every_output_element_written(triton_kernels, monkeypatch):
+    """Poison every buffer the launchers allocate (out, dx, the dweight/dbias partials) with NaN: tails in S, H and
+    Dh < BLOCK_D must all be written."""
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+
+    def poison(t):
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: poison(real_empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison(real_empty_like(*a, **k)))
+    x = _x(2, 3 + 10, 5, 48, torch.float32, "qkv")
+    w, b, dy = torch.randn(48), torch.randn(48), torch.randn(2, 13, 5, 48)
+    args, kw = (3, (1, 2, 5)), dict(axes_dim=(12, 18, 18))
+    out, grads = _run(rope3d, x, dy, w, b, args, kw)
+    ref, ref_grads = _run(rope3d_ref, x, dy, w, b, args, kw)
+    assert_parity(out, ref)
+    for g, r in zip(grads, ref_grads):
+        assert_parity(g, r)
+
+
+@triton.jit
+def _sincos_kernel(A, SIN, COS, N: tl.constexpr):
+    offs = tl.arange(0, N)
+    sin, cos = R._sincos(tl.load(A + offs))
+    tl.store(SIN + offs, sin)
+    tl.store(COS + offs, cos)
+
+
+@pytest.mark.parametrize("limit", [4.0, 100.0, 8192.0])
+def test_sincos_accuracy(limit):
+    """The in-kernel sin/cos (own range reduction + polynomials) against float64, over the documented range."""
+    n = 1 << 14
+    a = (torch.rand(n) * 2 - 1) * limit
+    sin, cos = torch.empty(n), torch.empty(n)
+    _sincos_kernel[(1,)](a, sin, cos, N=n)
+    assert (sin.double() - a.double().sin()).abs().max() < 2e-7
+    assert (cos.double() - a.double().cos()).abs().max() < 2e-7
+
+
+def _linspace_start_step(lo, hi, n):
+    return float(lo), (float(hi) - float(lo)) / (n - 1) if n > 1 else 1.0
+
+
+@pytest.mark.parametrize("kernels", ["triton", "torch"])
+@pytest.mark.parametrize("crops,grid", [
+    (((0, 0), (3, 5)), (2, 3, 5)),        # native resolution: integer positions
+    (((2, 0), (27, 45)), (2, 6, 8)),      # the 5B at 768x1360 style crop: fractional positions up to ~39
+], ids=["integer", "linspace"])
+def test_matches_diffusers(monkeypatch, kernels, crops, grid):
+    """Against diffusers' own get_3d_rotary_pos_embed + apply_rotary_emb (after its q/k LayerNorm)."""
+    emb = pytest.importorskip("diffusers.models.embeddings", reason="diffusers (the test extra) is not installed")
+    monkeypatch.setenv("COGVIDEOX_KERNELS", kernels)
+    T, Hg, Wg = grid
+    B, H, Dh, text_len = 2, 2, 64, 5
+    cos, sin = emb.get_3d_rotary_pos_embed(Dh, crops, (Hg, Wg), T, use_real=True)
+    q = torch.randn(B, H, text_len + T * Hg * Wg, Dh)                  # diffusers' (B, heads, S, Dh)
+    w, b = 1 + 0.2 * torch.randn(Dh), 0.2 * torch.randn(Dh)
+    q_ln = F.layer_norm(q, (Dh,), w, b, 1e-6)
+    expected = torch.cat([q_ln[:, :, :text_len], emb.apply_rotary_emb(q_ln[:, :, text_len:], (cos, sin))], dim=2)
+
+    (top, left), (bottom, right) = crops
+    t0, dt = _linspace_start_step(0, T * (T - 1) / T, T)
+    h0, dh = _linspace_start_step(top, bottom * (Hg - 1) / Hg, Hg)
+    w0, dw = _linspace_start_step(left, right * (Wg - 1) / Wg, Wg)
+    out = rope3d(q.transpose(1, 2), text_len, grid, start=(t0, h0, w0), step=(dt, dh, dw), weight=w, bias=b)
+    assert_parity(out.transpose(1, 2), expected, name="vs diffusers")
+
+
+@pytest.mark.parametrize("norm", [False, True])
+def test_cpu_default_runs_reference(monkeypatch, norm):
+    """Without COGVIDEOX_KERNELS the CPU path is the reference: forward bit for bit, backward (pure torch, fp32)
+    equal to autograd through the reference."""
+    monkeypatch.delenv("COGVIDEOX_KERNELS", raising=False)
+    x = _x(2, 3 + 6, 2, 64, torch.float32, "qkv")
+    w, b = (torch.randn(64), torch.randn(64)) if norm else (None, None)
+    assert torch.equal(rope3d(x.bfloat16(), 3, (1, 2, 3)), rope3d_ref(x.bfloat16(), 3, (1, 2, 3)))
+    dy = torch.randn(2, 9, 2, 64)
+    out, grads = _run(rope3d, x, dy, w, b, (3, (1, 2, 3)), {})
+    ref, ref_grads = _run(rope3d_ref, x, dy, w, b, (3, (1, 2, 3)), {})
+    assert torch.equal(out, ref)
+    for g, r in zip(grads, ref_grads):
+        assert (g is None) == (r is None)
+        if g is not None:
+            assert_parity(g, r)
+
+
+def test_backward_deterministic(triton_kernels):
+    x = _x(2, 2 + 24, 5, 64, torch.bfloat16, "qkv")
+    w, b, dy = torch.randn(64).bfloat16(), torch.randn(64).bfloat16(), torch.randn(2, 26, 5, 64).bfloat16()
+    first = _run(rope3d, x, dy, w, b, (2, (2, 3, 4)), {})[1]
+    second = _run(rope3d, x, dy, w, b, (2, (2, 3, 4)), {})[1]
+    for g1, g2 in zip(first, second):
+        assert torch.equal(g1.view(torch.int16), g2.view(torch.int16))
+
+
+@pytest.mark.parametrize("kernels", ["triton", "torch"])
+def test_opcheck(monkeypatch, kernels):
+    monkeypatch.setenv("COGVIDEOX_KERNELS", kernels)
+    x = _x(1, 2 + 6, 3, 32, torch.float32, "qkv").requires_grad_()
+    w, b = torch.randn(32, requires_grad=True), torch.randn(32, requires_grad=True)
+    common = (2, [1, 2, 3], [0.0, 0.5, 0.0], [1.0, 1.0, 0.75], 10000.0, [8, 12, 12])
+    torch.library.opcheck(torch.ops.cogvideox.rope3d.default, (x, *common, w, b, 1e-6))
+    torch.library.opcheck(torch.ops.cogvideox.rope3d.default, (x, *common, None, None, 1e-6))
+    dy = torch.randn(1, 8, 3, 32)
+    torch.library.opcheck(torch.ops.cogvideox.rope3d_bwd.default, (dy, x.detach(), *common, w.detach(), None, 1e-6))
+    torch.library.opcheck(torch.ops.cogvideox.rope3d_bwd.default, (dy, None, *common, None, None, 1e-6))
+
+
+def test_compile_fullgraph_three_lengths(triton_kernels):
+    """Zero graph breaks, forward and backward, over three sequence lengths; automatic dynamic -> <= 2 compiles."""
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+
+    def f(x, w, b, grid):
+        return rope3d(x, 2, grid, step=(1.0, 0.5, 1.0), weight=w, bias=b) * 2.0
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    w, b = torch.randn(32), torch.randn(32)
+    for T in (1, 2, 3):
+        grid = (T, 2, 3)
+        x = _x(1, 2 + 6 * T, 2, 32, torch.float32, "qkv")
+        dy = torch.randn(1, 2 + 6 * T, 2, 32)
+        out, grads = _run(lambda *a, **k: compiled(a[0], k["weight"], k["bias"], grid), x, dy, w, b, (), {})
+        ref, ref_grads = _run(lambda *a, **k: f(a[0], k["weight"], k["bias"], grid), x, dy, w, b, (), {})
+        assert torch.equal(out, ref)
+        for g, r in zip(grads, ref_grads):
+            assert torch.equal(g, r)
+    assert sum(counters["graph_break"].values()) == 0
+    assert 1 <= counters["stats"]["unique_graphs"] <= 2
+
+
+BAD_INPUTS = {
+    "x_not_tensor": (TypeError, lambda x, w: rope3d(x.tolist(), 2, (1, 2, 3))),
+    "x_int_dtype": (TypeError, lambda x, w: rope3d(x.long(), 2, (1, 2, 3))),
+    "x_3d": (ValueError, lambda x, w: rope3d(x[0], 2, (1, 2, 3))),
+    "text_len_float": (TypeError, lambda x, w: rope3d(x, 2.0, (1, 2, 3))),
+    "text_len_too_long": (ValueError, lambda x, w: rope3d(x, 9, (1, 2, 3))),
+    "grid_two_axes": (ValueError, lambda x, w: rope3d(x, 2, (2, 3))),
+    "grid_negative": (ValueError, lambda x, w: rope3d(x, 2, (-1, -2, 3))),
+    "grid_wrong_count": (ValueError, lambda x, w: rope3d(x, 2, (1, 2, 2))),
+    "axes_dim_odd": (ValueError, lambda x, w: rope3d(x, 2, (1, 2, 3), axes_dim=(7, 13, 12))),
+    "axes_dim_wrong_sum": (ValueError, lambda x, w: rope3d(x, 2, (1, 2, 3), axes_dim=(8, 8, 8))),
+    "weight_wrong_shape": (ValueError, lambda x, w: rope3d(x, 2, (1, 2, 3), weight=w[:-2])),
+    "weight_2d": (ValueError, lambda x, w: rope3d(x, 2, (1, 2, 3), weight=w[None])),
+    "weight_int": (TypeError, lambda x, w: rope3d(x, 2, (1, 2, 3), weight=w.long())),
+    "bias_other_device": (ValueError, lambda x, w: rope3d(x, 2, (1, 2, 3), bias=w.to("meta"))),
+    "start_two_axes": (ValueError, lambda x, w: rope3d(x, 2, (1, 2, 3), start=(0.0, 0.0))),
+    "step_four_axes": (ValueError, lambda x, w: rope3d(x, 2, (1, 2, 3), step=(1.0,) * 4)),
+    "theta_zero": (ValueError, lambda x, w: rope3d(x, 2, (1, 2, 3), theta=0.0)),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_input(case):
+    error, call = BAD_INPUTS[case]
+    with pytest.raises(error):
+        call(torch.randn(1, 8, 2, 32), torch.randn(32))
+
+
+def test_empty_batch(triton_kernels):
+    x = torch.randn(0, 2 + 6, 2, 32, requires_grad=True)
+    out = rope3d(x, 2, (1, 2, 3))
+    out.sum().backward()
+    assert out.shape == x.shape and x.grad.shape == x.shape
+
+
+def test_offsets_beyond_2_31_elements(tmp_path):
+    """A token stride of 2^29 + 128 puts the last token's offset past 2^31 elements. The interpreter wraps int32
+    index math like the GPU, so 32-bit offsets would read the wrong address (in practice: crash). Runs in a child
+    process so that such a crash fails this test instead of the whole session; 4 GiB is reserved, not touched."""
+    script = textwrap.dedent("""
+        import os, torch, importlib
+        R = importlib.import_module("kernels.rope3d")
+        H, Dh, S, stride = 2, 64, 5, 2**29 + 128
+        base = torch.empty(stride * (S - 1) + H * Dh, dtype=torch.bfloat16)
+        x = base.as_strided((1, S, H, Dh), (0, stride, Dh, 1))
+        vals = torch.randn(1, S, H, Dh).bfloat16()
+        x.copy_(vals)
+        w, b = torch.randn(Dh), torch.randn(Dh)
+        out = R.rope3d(x, 1, (1, 2, 2), weight=w, bias=b)
+        assert torch.equal(out, R.rope3d_ref(vals, 1, (1, 2, 2), weight=w, bias=b)), "forward"
+        dy = torch.randn(1, S, H, Dh).bfloat16()
+        dx, dw, db = torch.ops.cogvideox.rope3d_bwd(dy, x, 1, [1, 2, 2], [0.0] * 3, [1.0] * 3, 1e4, [16, 24, 24],
+                                                    w, b, 1e-6)
+        ref = R._rope3d_bwd_ref(dy, vals, 1, [1, 2, 2], [0.0] * 3, [1.0] * 3, 1e4, [16, 24, 24], w, b, 1e-6)
+        assert (dx.float() - ref[0].float()).abs().max() < 0.1, "backward"
+        print("ok")
+    """)
+    env = dict(os.environ, COGVIDEOX_KERNELS="triton", TRITON_INTERPRET="1", TRITON_DEFAULT_FP_FUSION="1")
+    proc = subprocess.run([sys.executable, "-c", script], env=env, cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", (proc.returncode, proc.stderr[-2000:])
+
+
+AOT_SCRIPT = textwrap.dedent("""
+    import importlib, json, re
+    from kernels._aot import compile_sm90
+    R = importlib.import_module("kernels.rope3d")
+
+    def build(backward, H, dtype, norm):
+        kernel = R._rope3d_bwd_kernel if backward else R._rope3d_fwd_kernel
+        cfg = R.rope3d_config(H, 64, backward=backward)          # what the launcher picks
+        ptrs = ("DY", "X", "W", "DX") if backward else ("X", "W", "Bias", "OUT")
+        sig = {n: "constexpr" for n in kernel.arg_names}
+        sig.update({n: "*" + dtype for n in ptrs})
+        sig.update({n: "*fp32" for n in ("DW_PART", "DB_PART") if backward})
+        sig.update({n: "i32" for n in ("B", "S", "H", "sxb", "sxs", "sxh", "text_len", "Hg", "Wg")})
+        sig.update({n: "fp32" for n in ("start_t", "start_h", "start_w", "step_t", "step_h", "step_w",
+                                        "log2_theta", "eps")})
+        const = dict(HEAD_DIM=64, DT=16, DH=24, NORM=norm, HAS_W=norm, HAS_B=norm, RTNE_BF16=0,
+                     BLOCK_S=cfg["BLOCK_S"], BLOCK_H=cfg["BLOCK_H"], BLOCK_D=cfg["BLOCK_D"])
+        # what the JIT specializes at CogVideoX shapes: 16-byte aligned buffers, strides that are multiples of 16
+        divisible = tuple(n for n in sig if sig[n].startswith("*")) + ("sxb", "sxs", "sxh")
+        info = compile_sm90(kernel, sig, const, num_warps=cfg["num_warps"], divisible_by_16=divisible)
+        return {"n_regs": info.n_regs, "spills": info.spills, "local_depot": "__local_depot" in info.ptx,
+                "offset_mul_types": re.findall(r"%(?:x_off|out_off|row_off)\\w* = arith\\.muli [^:]*: (\\S+)", info.ttir)}
+
+    print(json.dumps({f"{b}-{H}-{dt}-{n}": build(b, H, dt, n) for b in (0, 1) for H in (30, 48)
+                      for dt, n in (("bf16", 1), ("bf16", 0), ("fp32", 1))}))
+""")
+
+
+@pytest.fixture(scope="module")
+def aot_builds():
+    """Compile in a child process: with TRITON_INTERPRET=1 set here, @triton.jit gives interpreter functions."""
+    pytest.importorskip("triton.backends.nvidia", reason="triton's NVIDIA backend is needed for the AOT build")
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "COGVIDEOX_KERNELS")}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    proc = subprocess.run([sys.executable, "-c", AOT_SCRIPT], env=env, cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("H", [30, 48], ids=["2b", "5b"])
+@pytest.mark.parametrize("backward", [0, 1], ids=["fwd", "bwd"])
+def test_aot_sm90_no_spills_and_64bit_offsets(aot_builds, H, backward):
+    for dtype, norm in (("bf16", 1), ("bf16", 0), ("fp32", 1)):
+        info = aot_builds[f"{backward}-{H}-{dtype}-{norm}"]
+        assert not info["spills"], f"{dtype} norm={norm}: {info}"
+        assert info["n_regs"] <= 128, f"{dtype} norm={norm}: {info}: occupancy too low for a memory-bound kernel"
+        # indices are widened before they meet a stride: every multiply building an x / out / dy / dx offset is i64
+        types = info["offset_mul_types"]
+        assert types and all(t in ("i64",) or t.endswith("xi64>") for t in types), types
+        assert not info["local_depot"], "sin/cos must not pull in libdevice's local-memory slow path"
