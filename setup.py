@@ -15,6 +15,7 @@ setup(
         "numpy",
         "safetensors",
         "nvidia-ml-py",
+        "tqdm",
     ],
     extras_require={
         "test": [

@@ -1,14 +1,202 @@
 """attention(q, k, v): the one seam every attention call in the model goes through.
 
 Layout: q, k, v are (B, S, H, Dh) (the natural layout after the fused QKV projection); the output is (B, S, H, Dh).
-(Initial version: torch SDPA only. The backend registry is being built.)
+Full bidirectional attention, no mask, scale 1/sqrt(Dh): what CogVideoX uses (diffusers-cogvideox.md section 2.4).
+
+Backends live in a small registry: a name, the function, and a function giving the reason it cannot run for a
+device / dtype / head dim (None when it can). Optional packages are imported once, below; a missing one only removes
+its backend. backend=None picks the fastest backend that can run, in the order of `PREFERENCE` (measured, source
+given there), and logs the choice once per (device, dtype, head dim). The choice is made in
+`_resolve`, which torch.compile runs at trace time and treats as a constant, so the compiled graph holds only the
+chosen kernel (no graph break; tests/test_attention.py checks fullgraph=True).
 """
 from __future__ import annotations
 
+import logging
+import operator
+from dataclasses import dataclass
+from typing import Callable, Optional
+
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+log = logging.getLogger(__name__)
+
+# ---- optional packages: imported here and nowhere else -------------------------------------------------------
+try:  # FlashAttention 2 (PyPI flash-attn, a CUDA source build)
+    from flash_attn import flash_attn_func as _fa2_func
+except ImportError:
+    _fa2_func = None
+try:  # FlashAttention 3 (the "hopper" build of flash-attention installs flash_attn_interface)
+    from flash_attn_interface import flash_attn_func as _fa3_func
+except ImportError:
+    _fa3_func = None
+try:  # FlashAttention 4 (PyPI flash-attn-4, CuTe DSL)
+    from flash_attn.cute import flash_attn_func as _fa4_func
+except ImportError:
+    _fa4_func = None
+try:
+    import xformers.ops as _xops
+except ImportError:
+    _xops = None
+
+
+class AttentionBackendError(ValueError):
+    """A forced attention backend that does not exist or cannot run on these inputs."""
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (B, S, H, Dh) x3 -> (B, S, H, Dh)
+    # (device, dtype, head_dim) -> why this backend cannot run there, or None if it can
+    unavailable: Callable[[torch.device, torch.dtype, int], Optional[str]]
+
+
+# ---- backend functions (all take and return (B, S, H, Dh)) ---------------------------------------------------
+def _sdpa(q, k, v):
+    return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+
+
+def _sdpa_only(kind: SDPBackend):
+    # torch.nn.attention.sdpa_kernel pins one SDPA implementation; Dynamo traces the context manager.
+    def fn(q, k, v):
+        with sdpa_kernel(kind):
+            return _sdpa(q, k, v)
+    return fn
+
+
+def _first(out):  # FA3 / FA4 return (out, lse) in some releases
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _fa2(q, k, v):
+    return _fa2_func(q, k, v)
+
+
+def _fa3(q, k, v):
+    return _first(_fa3_func(q, k, v))
+
+
+def _fa4(q, k, v):
+    return _first(_fa4_func(q, k, v))
+
+
+def _xformers(q, k, v):
+    return _xops.memory_efficient_attention(q, k, v)
+
+
+# ---- reasons a backend cannot run ----------------------------------------------------------------------------
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
+
+
+def _needs(package_ok: bool = True, package: str = "", cuda: bool = True, dtypes=_HALF, max_head_dim: int = 256,
+           head_dim_multiple: int = 1, min_sm: tuple[int, int] = (0, 0), max_sm: tuple[int, int] = (99, 99)):
+    def reason(device: torch.device, dtype: torch.dtype, head_dim: int) -> Optional[str]:
+        if not package_ok:
+            return f"package {package} is not installed"
+        if cuda and device.type != "cuda":
+            return f"needs a CUDA device, got {device.type}"
+        if dtype not in dtypes:
+            return f"dtype {dtype} not supported (supports {', '.join(str(d) for d in dtypes)})"
+        if head_dim > max_head_dim or head_dim % head_dim_multiple:
+            return f"head dim {head_dim} not supported (needs <= {max_head_dim}, a multiple of {head_dim_multiple})"
+        if cuda:
+            sm = _capability(device)
+            if not min_sm <= sm <= max_sm:
+                lo, hi = "%d%d" % min_sm, "%d%d" % max_sm
+                return f"compute capability sm_{sm[0]}{sm[1]} outside sm_{lo}..sm_{hi}"
+        return None
+    return reason
+
+
+_FLOAT = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+BACKENDS: dict[str, Backend] = {b.name: b for b in [
+    Backend("sdpa", _sdpa, _needs(cuda=False, dtypes=_FLOAT, max_head_dim=1 << 30)),
+    Backend("sdpa-math", _sdpa_only(SDPBackend.MATH), _needs(cuda=False, dtypes=_FLOAT, max_head_dim=1 << 30)),
+    Backend("sdpa-cudnn", _sdpa_only(SDPBackend.CUDNN_ATTENTION),
+            _needs(max_head_dim=128, head_dim_multiple=8, min_sm=(8, 0))),
+    Backend("sdpa-flash", _sdpa_only(SDPBackend.FLASH_ATTENTION),
+            _needs(max_head_dim=256, head_dim_multiple=8, min_sm=(8, 0))),
+    Backend("sdpa-efficient", _sdpa_only(SDPBackend.EFFICIENT_ATTENTION),
+            _needs(dtypes=_HALF + (torch.float32,), head_dim_multiple=8, min_sm=(5, 0))),
+    Backend("flash-attn-2", _fa2, _needs(_fa2_func is not None, "flash-attn", min_sm=(8, 0))),
+    Backend("flash-attn-3", _fa3, _needs(_fa3_func is not None, "flash-attn 3 (flash_attn_interface)",
+                                         min_sm=(9, 0), max_sm=(9, 9))),
+    # conservative limits for FA4: Hopper and Blackwell, head dims up to 128
+    Backend("flash-attn-4", _fa4, _needs(_fa4_func is not None, "flash-attn-4", max_head_dim=128,
+                                         head_dim_multiple=8, min_sm=(9, 0))),
+    Backend("xformers", _xformers, _needs(_xops is not None, "xformers", dtypes=_HALF + (torch.float32,))),
+]}
+
+# Fastest first. Measured (FA3 paper, H100 SXM, forward, non-causal, head dim 64, ~16k tokens, bf16; quoted in
+# ../shared/reference/kernel-notes.md): flash-attn-3 ~497, sdpa-cudnn ~413, flash-attn-2 ~324 TFLOP/s. The rest are
+# not in that measurement and come after it: sdpa-flash runs FA2's kernel inside torch; FA4 targets Blackwell
+# first and is unmeasured on Hopper here; then xformers, torch's efficient kernel, and the default SDPA dispatch
+# (which is also what runs on CPU). bench/ times every `available_backends(q)`: update this order from its rows.
+PREFERENCE = ("flash-attn-3", "sdpa-cudnn", "flash-attn-2", "sdpa-flash", "flash-attn-4", "xformers",
+              "sdpa-efficient", "sdpa", "sdpa-math")
+
+_CHOSEN: dict[tuple, str] = {}  # (device, dtype, head_dim) -> backend picked by backend=None, logged once
+
+
+def _reasons(device: torch.device, dtype: torch.dtype, head_dim: int) -> dict[str, Optional[str]]:
+    return {name: BACKENDS[name].unavailable(device, dtype, head_dim) for name in PREFERENCE}
+
+
+def _report(reasons: dict[str, Optional[str]]) -> str:
+    return "\n".join(f"  {n}: {r or 'available'}" for n, r in reasons.items())
+
+
+@torch.compiler.assume_constant_result
+def _resolve(backend: Optional[str], device: torch.device, dtype: torch.dtype, head_dim: int) -> str:
+    # Runs eagerly even under torch.compile (assume_constant_result), so logging and the cache are fine here.
+    if backend is not None:
+        if backend not in BACKENDS:
+            raise AttentionBackendError(f"unknown attention backend {backend!r}; known: {', '.join(PREFERENCE)}")
+        reason = BACKENDS[backend].unavailable(device, dtype, head_dim)
+        if reason is not None:
+            raise AttentionBackendError(
+                f"attention backend {backend!r} cannot run on {device} {dtype} head dim {head_dim}: {reason}\n"
+                f"all backends:\n{_report(_reasons(device, dtype, head_dim))}")
+        return backend
+    key = (device, dtype, head_dim)
+    if key not in _CHOSEN:
+        reasons = _reasons(device, dtype, head_dim)
+        ok = [n for n, r in reasons.items() if r is None]
+        if not ok:  # cannot happen for float inputs: sdpa runs everywhere
+            raise AttentionBackendError(f"no attention backend can run on {device} {dtype}:\n{_report(reasons)}")
+        _CHOSEN[key] = ok[0]
+        log.info("attention backend for %s %s head_dim %d: %s", device, dtype, head_dim, ok[0])
+    return _CHOSEN[key]
+
+
+def available_backends(q: torch.Tensor) -> list[str]:
+    """Names of the backends that can run on q's device, dtype and head dim, fastest first."""
+    return [n for n, r in _reasons(q.device, q.dtype, q.shape[-1]).items() if r is None]
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str | None = None) -> torch.Tensor:
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-    return out.transpose(1, 2)
+    """softmax(q k^T / sqrt(Dh)) v over all tokens. q, k, v: (B, S, H, Dh) -> (B, S, H, Dh).
+
+    backend: a name in BACKENDS, or None for the fastest available (logged once). A forced backend that cannot run
+    raises AttentionBackendError listing why each backend is or is not usable.
+    """
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"attention expects (B, S, H, Dh) tensors, got {tuple(q.shape)}, {tuple(k.shape)}, "
+                         f"{tuple(v.shape)}")
+    if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
+        raise ValueError(f"attention shapes do not match: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if not (q.dtype == k.dtype == v.dtype) or not (q.device == k.device == v.device):
+        raise TypeError(f"q, k, v must share dtype and device: {q.dtype}/{k.dtype}/{v.dtype}, "
+                        f"{q.device}/{k.device}/{v.device}")
+    # operator.index: under dynamic shapes Dynamo specializes the head dim with a guard (int() would leave a
+    # SymInt, which the constant-result call cannot take); eagerly it is a plain int.
+    name = _resolve(backend, q.device, q.dtype, operator.index(q.shape[-1]))
+    return BACKENDS[name].fn(q, k, v)

@@ -1,0 +1,281 @@
+"""`python -m cogvideox generate`: text (or image) to video from a local diffusers-format CogVideoX directory.
+
+    python -m cogvideox generate --model DIR --prompt "a cat on a beach" --out cat.mp4
+    python -m cogvideox generate --preset tiny --random-init --prompt "anything" --out /tmp/t.mp4   # CPU smoke run
+
+Nothing is ever downloaded: --model must hold transformer/, vae/, scheduler/ and (for --prompt) text_encoder/ and
+tokenizer/. Every argument is checked before any weight is loaded.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+PRESET_SHIFT = {"2b": 3.0, "tiny": 3.0}   # the SNR shift of the 2B scheduler; every 5B / 1.5 model uses 1.0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .config import TRANSFORMER_PRESETS
+
+    parser = argparse.ArgumentParser(prog="python -m cogvideox", description="CogVideoX text/image-to-video")
+    sub = parser.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("generate", help="sample a video", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = g.add_argument_group("model")
+    src.add_argument("--model", metavar="DIR", help="diffusers-format CogVideoX directory (local only)")
+    src.add_argument("--preset", choices=sorted(TRANSFORMER_PRESETS), help="a model config, with --random-init")
+    src.add_argument("--random-init", action="store_true", help="random weights (smoke test; output is noise)")
+    txt = g.add_argument_group("conditioning")
+    txt.add_argument("--prompt", metavar="TEXT")
+    txt.add_argument("--negative-prompt", metavar="TEXT", default="", help='CFG negative prompt (default "")')
+    txt.add_argument("--prompt-embeds", metavar="FILE",
+                     help="T5 embeddings instead of --prompt: .safetensors or .pt holding 'prompt_embeds' (B, L, D) "
+                          "and optionally 'negative_prompt_embeds'")
+    txt.add_argument("--image", metavar="FILE", help="first frame for image-to-video (I2V models)")
+    run = g.add_argument_group("sampling")
+    run.add_argument("--out", metavar="PATH", required=True,
+                     help="PATH.mp4 (needs imageio + imageio-ffmpeg; else PNG frames in PATH_frames/) or a "
+                          "directory for PNG frames")
+    run.add_argument("--steps", type=int, default=50)
+    run.add_argument("--guidance", type=float, default=6.0, help="CFG scale; <= 1 disables CFG (default 6)")
+    run.add_argument("--dynamic-cfg", action="store_true", help="diffusers' use_dynamic_cfg schedule")
+    run.add_argument("--sampler", choices=["ddim", "dpm"], default="ddim")
+    run.add_argument("--frames", type=int, help="video frames, 4k + 1 (default: the model's, e.g. 49)")
+    run.add_argument("--height", type=int, help="pixels, a multiple of 16 (default: the model's)")
+    run.add_argument("--width", type=int, help="pixels, a multiple of 16 (default: the model's)")
+    run.add_argument("--seed", type=int, default=42)
+    run.add_argument("--dtype", choices=["auto", *DTYPES], default="auto", help="auto: bf16 on CUDA, fp32 on CPU")
+    run.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    run.add_argument("--fps", type=int, help="mp4 frame rate (default 8; 16 for 1.5 models)")
+    run.add_argument("--no-progress", action="store_true")
+    g.set_defaults(subparser=g)   # errors are reported with the subcommand's usage
+    return parser
+
+
+def _fail(parser, msg):
+    parser.error(msg)   # prints usage + message to stderr, exits with status 2
+
+
+def check_args(parser, a):
+    """Validate everything that can be validated without loading weights. Returns (transformer config, factors)."""
+    import torch
+
+    from . import pipeline as P
+    from .config import TransformerConfig, VAEConfig
+
+    if a.model is None and a.preset is None:
+        _fail(parser, "give --model DIR or --preset NAME --random-init")
+    if a.model is not None and (a.preset is not None or a.random_init):
+        _fail(parser, "--model loads weights; --preset/--random-init build a random model: use one or the other")
+    if a.preset is not None and not a.random_init:
+        _fail(parser, "--preset needs --random-init (there are no preset weights; use --model DIR for real ones)")
+    if (a.prompt is None) == (a.prompt_embeds is None):
+        _fail(parser, "give --prompt or --prompt-embeds (one of them, not both)")
+    if a.prompt_embeds is not None and not os.path.isfile(a.prompt_embeds):
+        _fail(parser, f"--prompt-embeds {a.prompt_embeds}: no such file")
+    if a.image is not None and not os.path.isfile(a.image):
+        _fail(parser, f"--image {a.image}: no such file")
+    if not 1 <= a.steps <= 1000:
+        _fail(parser, f"--steps must be in [1, 1000], got {a.steps}")
+    if a.guidance < 0:
+        _fail(parser, f"--guidance must be >= 0, got {a.guidance}")
+    if a.fps is not None and a.fps <= 0:
+        _fail(parser, f"--fps must be > 0, got {a.fps}")
+    if a.device != "auto":
+        try:
+            dev = torch.device(a.device)
+        except RuntimeError as e:
+            _fail(parser, f"--device {a.device}: {e}")
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            _fail(parser, f"--device {a.device}: CUDA is not available here")
+
+    if a.model is not None:
+        from .weights import CheckpointError, read_config
+
+        need_t5 = a.prompt is not None
+        try:
+            P.check_model_dir(a.model, need_text_encoder=need_t5)
+            cfg = TransformerConfig.from_diffusers_config(read_config(os.path.join(a.model, "transformer")))
+            factors = P.read_vae_factors(os.path.join(a.model, "vae"))
+            P.read_scheduler_config(a.model)
+        except (FileNotFoundError, ValueError, CheckpointError) as e:
+            _fail(parser, str(e))
+    else:
+        cfg = TransformerConfig.preset(a.preset)
+        factors = P.vae_factors(VAEConfig.preset("tiny" if a.preset == "tiny" else "released"))
+    i2v = cfg.in_channels == 2 * cfg.out_channels
+    if i2v != (a.image is not None):
+        _fail(parser, "this is an image-to-video model: pass --image FILE" if i2v else
+              "--image is only for image-to-video models (this one is text-to-video)")
+    # Defaults: diffusers' (sample_* x 8, sample_frames), except for 1.5, whose config's sample size 300 x 300 is a
+    # RoPE bound, not a resolution (reference doc section 1): use its recommended 768 x 1360 instead.
+    big = cfg.patch_size_t is not None and cfg.sample_height * factors.spatial > 1360
+    a.frames = a.frames if a.frames is not None else cfg.sample_frames
+    a.height = a.height if a.height is not None else (768 if big else cfg.sample_height * factors.spatial)
+    a.width = a.width if a.width is not None else (1360 if big else cfg.sample_width * factors.spatial)
+    try:
+        P.check_size(a.frames, a.height, a.width, cfg, factors)
+    except ValueError as e:
+        _fail(parser, f"--{e}")   # the message starts with the flag's name: frames, height or width
+    return cfg, factors
+
+
+def _load_embeds(path: str, parser):
+    import torch
+
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        data = load_file(path)
+    else:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(data, torch.Tensor):
+        data = {"prompt_embeds": data}
+    if not isinstance(data, dict) or "prompt_embeds" not in data:
+        _fail(parser, f"--prompt-embeds {path}: expected a tensor or a dict with 'prompt_embeds'")
+    out = []
+    for key in ("prompt_embeds", "negative_prompt_embeds"):
+        t = data.get(key)
+        if t is not None and t.dim() == 2:
+            t = t[None]
+        if t is not None and t.dim() != 3:
+            _fail(parser, f"--prompt-embeds {path}: {key} must be (B, L, D), got {tuple(t.shape)}")
+        out.append(t)
+    return out
+
+
+def generate_command(parser, a) -> int:
+    import torch
+
+    from . import pipeline as P
+
+    cfg, factors = check_args(parser, a)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device)
+    dtype_name = a.dtype if a.dtype != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    dtype = getattr(torch, DTYPES[dtype_name])
+    pos = neg = None
+    if a.prompt_embeds is not None:
+        pos, neg = _load_embeds(a.prompt_embeds, parser)
+        L, D = pos.shape[1:]
+        if D != cfg.text_embed_dim or (neg is not None and neg.shape != pos.shape):
+            _fail(parser, f"--prompt-embeds: prompt_embeds {tuple(pos.shape)} / negative "
+                          f"{None if neg is None else tuple(neg.shape)} do not fit a model with text width "
+                          f"{cfg.text_embed_dim}")
+        no_t5 = a.random_init or not os.path.isdir(os.path.join(a.model, "text_encoder"))
+        if neg is None and a.guidance > 1 and no_t5:
+            _fail(parser, "--guidance > 1 needs negative_prompt_embeds in the --prompt-embeds file (or a model "
+                          "with a text encoder to encode --negative-prompt)")
+    generator = torch.Generator().manual_seed(a.seed)   # CPU generator: the same noise on every device
+
+    if a.random_init:
+        from .config import VAEConfig
+        from .transformer import CogVideoXTransformer
+
+        banner = "!! RANDOM WEIGHTS (--random-init): the output is noise, this only exercises the pipeline !!"
+        print(banner, flush=True)
+        torch.manual_seed(a.seed)
+        transformer = CogVideoXTransformer(cfg).to(device=device, dtype=dtype).eval()
+        vae = None
+        try:
+            from .vae import CogVideoXVAE
+        except ImportError:
+            CogVideoXVAE = None
+        if CogVideoXVAE is not None:
+            # scaling rules per family (reference doc section 1): 2B 1.15258426; 5B 0.7; 1.5 0.7 and inverted for I2V
+            family = {} if a.preset in ("2b", "tiny") else {"scaling_factor": 0.7,
+                                                           "invert_scale_latents": cfg.patch_size_t is not None}
+            vae_cfg = VAEConfig.preset("tiny" if a.preset == "tiny" else "released", latent_channels=cfg.out_channels,
+                                       **family)
+            vae = CogVideoXVAE(vae_cfg).to(device=device, dtype=dtype).eval()
+            factors = P.vae_factors(vae_cfg)
+        snr = PRESET_SHIFT.get(a.preset, 1.0)
+        if pos is None:
+            print(f"random text embeddings stand in for T5 (1, {cfg.max_text_seq_length}, {cfg.text_embed_dim})")
+            g = torch.Generator().manual_seed(a.seed + 1)
+            pos, neg = (torch.randn(1, cfg.max_text_seq_length, cfg.text_embed_dim, generator=g) for _ in range(2))
+        elif neg is None:
+            neg = torch.randn(pos.shape, generator=torch.Generator().manual_seed(a.seed + 1))
+    else:
+        from .weights import CheckpointError
+
+        try:
+            m = P.load_models(a.model, dtype, device)
+            if pos is None or (neg is None and a.guidance > 1):
+                encoder, tokenizer = P.load_text_encoder(a.model, dtype, device)
+                L = cfg.max_text_seq_length
+                if pos is None:
+                    pos = P.encode_prompt(encoder, tokenizer, [a.prompt], L, device, dtype)
+                if a.guidance > 1:
+                    neg = P.encode_prompt(encoder, tokenizer, [a.negative_prompt] * pos.shape[0], L, device, dtype)
+                del encoder   # T5-XXL is ~9.5 GB in bf16: free it before sampling
+        except (CheckpointError, FileNotFoundError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        transformer, vae, factors, snr = m.transformer, m.vae, m.factors, m.snr_shift_scale
+    pos = pos.to(device=device, dtype=dtype)
+    neg = neg.to(device=device, dtype=dtype) if neg is not None else None
+    image = None
+    if a.image is not None:
+        if vae is None:
+            _fail(parser, "--image needs the VAE (cogvideox.vae) to encode the image")
+        from PIL import Image
+
+        image = P.prepare_image(Image.open(a.image), a.height, a.width).expand(pos.shape[0], -1, -1, -1)
+
+    out = P.generate(transformer, pos, neg, num_frames=a.frames, height=a.height, width=a.width, steps=a.steps,
+                     guidance_scale=a.guidance, use_dynamic_cfg=a.dynamic_cfg, sampler=a.sampler,
+                     snr_shift_scale=snr, generator=generator, vae=vae, factors=factors, image=image,
+                     progress=not a.no_progress)
+    written = save_outputs(out, a, cfg)
+    for p in written:
+        print(f"wrote: {p}")
+    if a.random_init:
+        print("(random weights: the video above is noise)")
+    return 0
+
+
+def _numbered(path: str, i: int, n: int) -> str:
+    if n == 1:
+        return path
+    root, ext = os.path.splitext(path)
+    return f"{root}_{i}{ext}"
+
+
+def save_outputs(out, a, cfg) -> list[str]:
+    from . import pipeline as P
+
+    if out.video is None:
+        from safetensors.torch import save_file
+
+        path = os.path.splitext(a.out)[0] + ".latents.safetensors"
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        save_file({"latents": out.latents[:, out.dropped_frames:].float().contiguous().cpu()}, path)
+        print("no VAE available (cogvideox.vae not importable): saving the latents (B, F, C, h, w), not a video")
+        return [path]
+    frames = P.to_uint8(out.video)
+    fps = a.fps or (16 if cfg.patch_size_t else 8)
+    written = []
+    for i in range(frames.shape[0]):
+        target = _numbered(a.out, i, frames.shape[0])
+        paths = P.save_frames(frames[i], target, fps=fps)
+        if target.lower().endswith(".mp4") and paths[0] != target:
+            print(f"imageio + imageio-ffmpeg are not installed: writing PNG frames instead of {target}")
+        written += paths
+    return written
+
+
+def main(argv=None) -> int:
+    # Never touch the network: transformers / huggingface_hub honour these.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    if a.command == "generate":
+        return generate_command(a.subparser, a)
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
