@@ -82,3 +82,75 @@ def check_state_dict(expected: Dict[str, torch.Size], got: Dict[str, torch.Tenso
             if items:
                 lines.append(f"  {title} ({len(items)}): " + ", ".join(items[:20]) + (" ..." if len(items) > 20 else ""))
         raise CheckpointError("\n".join(lines))
+
+
+# ---- transformer -------------------------------------------------------------------------------------------
+# diffusers checkpoint -> CogVideoXTransformer, the only re-layouts (everything else is the identity):
+#   attn1.to_q/to_k/to_v.{weight,bias}  ->  attn1.to_qkv.{weight,bias}   rows [q | k | v]
+#   attn1.to_out.0.*                    ->  attn1.to_out.*
+#   norm{1,2}.linear.*  rows [vision shift, scale, gate | text ...] -> [text | vision]  (expert 0 = text)
+#   patch_embed.proj.weight (1.0 conv: D, C, p, p) -> (D, C*p*p)  (the patch embedding is one Linear)
+
+def _qkv_parts(key: str):
+    return [key.replace(".to_qkv.", f".to_{n}.") for n in "qkv"]
+
+
+def _diffusers_shapes(model_shapes: Dict[str, torch.Size], config) -> Dict[str, torch.Size]:
+    """The keys and shapes a diffusers checkpoint for this model must hold."""
+    out = {}
+    for key, shape in model_shapes.items():
+        if ".to_qkv." in key:
+            out.update({k: torch.Size([shape[0] // 3, *shape[1:]]) for k in _qkv_parts(key)})
+        elif ".to_out." in key:
+            out[key.replace(".to_out.", ".to_out.0.")] = shape
+        elif key == "patch_embed.proj.weight" and config.patch_size_t is None:
+            p = config.patch_size
+            out[key] = torch.Size([shape[0], config.in_channels, p, p])
+        else:
+            out[key] = shape
+    return out
+
+
+def transformer_state_from_diffusers(state: Dict[str, torch.Tensor], model_keys, config) -> Dict[str, torch.Tensor]:
+    """Re-lay out a (checked) diffusers state dict into CogVideoXTransformer's keys."""
+    out = {}
+    for key in model_keys:
+        if ".to_qkv." in key:
+            out[key] = torch.cat([state[k] for k in _qkv_parts(key)], dim=0)
+        elif ".to_out." in key:
+            out[key] = state[key.replace(".to_out.", ".to_out.0.")]
+        elif ".norm1.linear." in key or ".norm2.linear." in key:
+            vision, text = state[key].chunk(2, dim=0)
+            out[key] = torch.cat([text, vision], dim=0)
+        elif key == "patch_embed.proj.weight":
+            out[key] = state[key].flatten(1)
+        else:
+            out[key] = state[key]
+    return out
+
+
+def load_transformer(path: str, dtype: torch.dtype | None = None, device=None, use_kernels: bool | None = None):
+    """A diffusers-format CogVideoXTransformer3DModel directory -> CogVideoXTransformer (eval mode).
+
+    dtype None keeps the checkpoint's dtype when all its tensors share one (the 5B checkpoints are bf16), else
+    float32. Every missing, unexpected or mis-shaped key is reported in one CheckpointError.
+    """
+    from .config import TransformerConfig
+    from .transformer import CogVideoXTransformer
+
+    raw_config, state = read_checkpoint(path)
+    try:
+        config = TransformerConfig.from_diffusers_config(raw_config)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{os.path.join(path, 'config.json')}: {e}") from None
+    with torch.device("meta"):
+        model = CogVideoXTransformer(config, use_kernels=use_kernels)
+    model_shapes = {k: v.shape for k, v in model.state_dict().items()}
+    check_state_dict(_diffusers_shapes(model_shapes, config), state, path)
+    if dtype is None:
+        stored = {t.dtype for t in state.values()}
+        dtype = stored.pop() if len(stored) == 1 else torch.float32
+    state = transformer_state_from_diffusers(state, model_shapes, config)
+    state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval()

@@ -1,0 +1,397 @@
+"""The CogVideoX expert transformer (arXiv 2408.06072 §2.2), one joint sequence from patch embedding to the head.
+
+    latents (B, F, C_in, H, W), text (B, L, 4096), timestep (B,)  ->  prediction (B, F, C_out, H, W)
+
+The text and vision tokens form ONE sequence [text | vision] (B, S = L + N, D), built once after the patch
+embedding and split once before the head: that is the single seam for sequence parallelism, and `attention()`
+is the only function that sees all tokens. Each block is
+
+    h      = LN1(x) * (1 + scale1[e]) + shift1[e]                   expert AdaLN: e = 0 text, 1 vision
+    x, h   = x + gate1[e] * Attn(h),  LN2(x) * (1 + scale2[e]) + shift2[e]     (one fused op)
+    x      = x + gate2[e] * FF(h)
+
+with Attn = fused QKV -> per-head LayerNorm on q, k -> 3D RoPE on the vision tokens -> full attention -> out proj.
+Positions: 2B adds a fixed 3D sincos table to the vision tokens; 5B-I2V adds a learned table to the joint
+sequence (replaced by the sincos table when frames != sample_frames, as diffusers silently does) and uses RoPE;
+5B and 1.5 use RoPE only (1.0: crop-region positions, fractional off the training aspect ratio; 1.5: integers).
+`use_kernels` picks the fused ops in `kernels` (expert_adaln, expert_adaln_residual, rope3d) or their pure-torch
+references `kernels.<op>_ref`, the readable definitions (None: kernels on CUDA, references on CPU).
+
+Numerics follow diffusers 0.42.1 `CogVideoXTransformer3DModel` (../shared/reference/diffusers-cogvideox.md §2, §3).
+Module names follow its checkpoint keys; the few re-layouts (fused QKV, modulation rows, patch conv -> Linear)
+are done once in `weights.load_transformer`.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import kernels
+from kernels.expert_adaln import expert_rows
+
+from .attention import attention
+from .config import TransformerConfig
+
+
+class Ops(NamedTuple):
+    """The three fused ops a forward calls: the public kernel ops, or their pure-torch references."""
+    expert_adaln: Callable
+    expert_adaln_residual: Callable
+    rope3d: Callable
+
+
+KERNEL_OPS = Ops(kernels.expert_adaln, kernels.expert_adaln_residual, kernels.rope3d)
+REFERENCE_OPS = Ops(kernels.expert_adaln_ref, kernels.expert_adaln_residual_ref, kernels.rope3d_ref)
+
+Rope = tuple  # ((start_t, start_h, start_w), (step_t, step_h, step_w)): token positions for kernels.rope3d
+
+
+def timestep_sincos(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """diffusers Timesteps(dim, flip_sin_to_cos=True, shift=0): [cos(t w) | sin(t w)], w_j = 1e4^(-j/(dim/2)). fp32."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    angles = t.float()[:, None] * freqs[None]                        # (B, dim/2)
+    return torch.cat([angles.cos(), angles.sin()], dim=-1)
+
+
+def sincos_3d_table(dim: int, grid, spatial_scale: float, temporal_scale: float, device=None) -> torch.Tensor:
+    """The 2B absolute 3D sincos table (N, dim) in fp64 (reference §2.7): per token (t, h, w), row-major,
+    [sincos(dim/4, t/ts) | sincos(3dim/8, w/ss) | sincos(3dim/8, h/ss)], sincos(d, p) = [sin(p w) | cos(p w)]."""
+    def sincos(d, n, scale):
+        pos = torch.arange(n, dtype=torch.float32, device=device) / scale      # fp32 positions, as diffusers
+        omega = 1.0 / 10000 ** (torch.arange(d // 2, dtype=torch.float64, device=device) / (d / 2.0))
+        angles = torch.outer(pos.double(), omega)
+        return torch.cat([angles.sin(), angles.cos()], dim=1)                    # (n, d)
+
+    T, Hg, Wg = grid
+    et = sincos(dim // 4, T, temporal_scale)
+    ew, eh = sincos(dim // 8 * 3, Wg, spatial_scale), sincos(dim // 8 * 3, Hg, spatial_scale)
+    return torch.cat([et[:, None, None].expand(T, Hg, Wg, -1), ew[None, None].expand(T, Hg, Wg, -1),
+                      eh[None, :, None].expand(T, Hg, Wg, -1)], dim=-1).reshape(T * Hg * Wg, dim)
+
+
+def resize_crop_region(grid_hw, base_w: int, base_h: int):
+    """diffusers' get_resize_crop_region_for_grid: the grid's place in the training grid (Python round, half-even)."""
+    h, w = grid_hw
+    if h / w > base_h / base_w:
+        rh, rw = base_h, int(round(base_h / h * w))
+    else:
+        rh, rw = int(round(base_w / w * h)), base_w
+    top, left = int(round((base_h - rh) / 2.0)), int(round((base_w - rw) / 2.0))
+    return (top, left), (top + rh, left + rw)
+
+
+def rope_positions(config: TransformerConfig, grid) -> Rope:
+    """start/step per axis (t, h, w) reproducing the positions diffusers' pipelines build (reference §3).
+
+    1.0: torch.linspace(crop_start, crop_end * (n - 1) / n, n) over the resize-crop region of the training grid
+    (fractional positions away from the native aspect ratio). 1.5 ("slice"): integer positions 0..n-1; diffusers
+    slices them from a table of sample_height/2 x sample_width/2 and fails beyond it, here any grid works.
+    """
+    T, Hg, Wg = grid
+    if config.patch_size_t is not None:
+        return (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+    p = config.patch_size
+    (top, left), (bottom, right) = resize_crop_region((Hg, Wg), config.sample_width // p, config.sample_height // p)
+
+    def linspace(a, b, n):
+        return float(a), ((b - a) / (n - 1) if n > 1 else 0.0)
+
+    (sh, dh), (sw, dw) = linspace(top, bottom * (Hg - 1) / Hg, Hg), linspace(left, right * (Wg - 1) / Wg, Wg)
+    return (0.0, sh, sw), (1.0, dh, dw)
+
+
+def patchify(latents: torch.Tensor, p: int, pt: int) -> torch.Tensor:
+    """(B, F, C, H, W) -> (B, N, C*pt*p*p): tokens (f', h', w') row-major, features (c, dt, dy, dx)."""
+    B, Fr, C, H, W = latents.shape
+    x = latents.reshape(B, Fr // pt, pt, C, H // p, p, W // p, p)
+    return x.permute(0, 1, 4, 6, 3, 2, 5, 7).reshape(B, -1, C * pt * p * p)
+
+
+def unpatchify(x: torch.Tensor, grid, p: int, pt: int) -> torch.Tensor:
+    """(B, N, C*pt*p*p) -> (B, F, C, H, W): the inverse of patchify."""
+    B, T, Hg, Wg = x.shape[0], *grid
+    x = x.reshape(B, T, Hg, Wg, -1, pt, p, p).permute(0, 1, 5, 4, 2, 6, 3, 7)
+    return x.reshape(B, T * pt, -1, Hg * p, Wg * p)
+
+
+class TimestepEmbedding(nn.Module):
+    def __init__(self, dim_in: int, dim_out: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(dim_in, dim_out)
+        self.linear_2 = nn.Linear(dim_out, dim_out)
+
+    def forward(self, x):
+        return self.linear_2(F.silu(self.linear_1(x)))
+
+
+class PatchEmbed(nn.Module):
+    """Text projection + patch projection (one Linear: the 1.0 conv is re-laid out as a Linear at load time)."""
+
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.text_proj = nn.Linear(cfg.text_embed_dim, cfg.inner_dim)
+        self.proj = nn.Linear(cfg.in_channels * cfg.patch_dim, cfg.inner_dim,
+                              bias=cfg.patch_bias or cfg.patch_size_t is not None)
+        if cfg.use_learned_positional_embeddings:
+            # 5B-I2V: (1, L_max + N_sample, D), checkpoint values (text rows included); a buffer, as in diffusers.
+            T = (cfg.sample_frames - 1) // cfg.temporal_compression_ratio + 1
+            n = T * (cfg.sample_height // cfg.patch_size) * (cfg.sample_width // cfg.patch_size)
+            self.register_buffer("pos_embedding", torch.zeros(1, cfg.max_text_seq_length + n, cfg.inner_dim))
+
+    def forward(self, text, latents, cfg: TransformerConfig, grid):
+        x = torch.cat([self.text_proj(text),                                   # (B, L, D)
+                       self.proj(patchify(latents, cfg.patch_size, cfg.patch_size_t or 1))], dim=1)  # (B, S, D)
+        if cfg.use_rotary_positional_embeddings and not cfg.use_learned_positional_embeddings:
+            return x
+        L = text.shape[1]
+        frames = (grid[0] - 1) * cfg.temporal_compression_ratio + 1
+        if cfg.use_learned_positional_embeddings and frames == cfg.sample_frames:
+            if L != cfg.max_text_seq_length:
+                raise ValueError(f"the learned positional table covers {cfg.max_text_seq_length} text tokens, "
+                                 f"got {L}")
+            return x + self.pos_embedding.to(x.dtype)                          # text rows too
+        # 2B sincos, and diffusers' silent fallback for the learned table when frames != sample_frames. The table's
+        # text rows are zero, so adding it to the vision rows alone is the same sum.
+        table = sincos_3d_table(cfg.inner_dim, grid, cfg.spatial_interpolation_scale,
+                                cfg.temporal_interpolation_scale, x.device).to(x.dtype)
+        return torch.cat([x[:, :L], x[:, L:] + table], dim=1)
+
+
+class ExpertAdaLN(nn.Module):
+    """diffusers' CogVideoXLayerNormZero: one LayerNorm, and per-expert shift/scale/gate from the time embedding.
+
+    `linear`'s 6D output rows are [text shift, scale, gate | vision shift, scale, gate] (diffusers stores vision
+    first; weights.py swaps the halves) so that each modulation is a (B, E=2, D) view, expert 0 = text.
+    """
+
+    def __init__(self, cond_dim: int, dim: int, eps: float):
+        super().__init__()
+        self.linear = nn.Linear(cond_dim, 6 * dim)
+        self.norm = nn.LayerNorm(dim, eps=eps)
+
+    def forward(self, emb):
+        mod = self.linear(F.silu(emb)).unflatten(1, (2, 3, -1))              # (B, E, 3, D)
+        return mod[:, :, 0], mod[:, :, 1], mod[:, :, 2]                        # shift, scale, gate: (B, E, D)
+
+    def affine(self):
+        return dict(weight=self.norm.weight, bias=self.norm.bias, eps=self.norm.eps)
+
+
+class Attention(nn.Module):
+    """Fused QKV -> LayerNorm(head_dim) on q, k (eps 1e-6, shared by heads) -> 3D RoPE -> attention() -> out."""
+
+    def __init__(self, dim: int, heads: int, bias: bool):
+        super().__init__()
+        self.heads = heads
+        self.to_qkv = nn.Linear(dim, 3 * dim, bias=bias)                       # rows [q | k | v]
+        self.norm_q = nn.LayerNorm(dim // heads, eps=1e-6)
+        self.norm_k = nn.LayerNorm(dim // heads, eps=1e-6)
+        self.to_out = nn.Linear(dim, dim)
+
+    def qkv(self, h, text_len, grid, rope: Rope | None, ops: Ops):
+        """h (B, S, D) -> q, k, v (B, S, H, Dh); q, k normed (all tokens) and rotated (vision tokens)."""
+        q, k, v = self.to_qkv(h).unflatten(-1, (3, self.heads, -1)).unbind(2)
+        if rope is None:
+            # No RoPE (2B): the LayerNorm is the whole op, and torch's is already one kernel.
+            return self.norm_q(q), self.norm_k(k), v
+        start, step = rope
+        q = ops.rope3d(q, text_len, grid, start, step, weight=self.norm_q.weight, bias=self.norm_q.bias,
+                       eps=self.norm_q.eps)
+        k = ops.rope3d(k, text_len, grid, start, step, weight=self.norm_k.weight, bias=self.norm_k.bias,
+                       eps=self.norm_k.eps)
+        return q, k, v
+
+    def forward(self, h, text_len, grid, rope, ops):
+        return self.to_out(attention(*self.qkv(h, text_len, grid, rope, ops)).flatten(2))   # (B, S, D)
+
+
+class FeedForward(nn.Module):
+    """Linear(D, 4D) -> GELU(tanh) -> Linear(4D, D); `net` indices match diffusers' keys (net.0.proj, net.2)."""
+
+    def __init__(self, dim: int, dropout: float):
+        super().__init__()
+        proj = nn.Module()
+        proj.proj = nn.Linear(dim, 4 * dim)
+        self.net = nn.ModuleList([proj, nn.Dropout(dropout), nn.Linear(4 * dim, dim)])
+
+    def forward(self, h):
+        return self.net[2](self.net[1](F.gelu(self.net[0].proj(h), approximate="tanh")))
+
+
+class CogVideoXBlock(nn.Module):
+    """One expert transformer block on the joint sequence (see the module docstring).
+
+    attention_layout "2d+1d" (the paper's ablation, Table 8) replaces Attn by a spatial then a temporal stage:
+
+        h  = n1(x)                       n1 = LN1 modulated by (shift1, scale1), as in "3d"
+        x  = x + gate1 * Spatial(h)      attn1: each frame attends over [text | that frame's tokens]; a text
+                                         token's output is the mean over frames of its per-frame outputs
+        h  = n1(x)                       (same norm and modulation again)
+        x  = x + gate1 * Temporal(h)     attn_temporal: the vision tokens at one (h, w) attend across frames;
+                                         text rows get 0
+        then norm2 / FF as in "3d".
+    Both stages rotate q, k with the token's full 3D position (as in "3d"). attn_temporal has its own fused QKV,
+    q/k norms and out projection; its out projection starts at zero, so a fresh 2d+1d block is spatial-only.
+    """
+
+    def __init__(self, cfg: TransformerConfig, attention_layout: str = "3d"):
+        super().__init__()
+        D = cfg.inner_dim
+        self.norm1 = ExpertAdaLN(cfg.time_embed_dim, D, cfg.norm_eps)
+        self.attn1 = Attention(D, cfg.num_attention_heads, cfg.attention_bias)
+        self.norm2 = ExpertAdaLN(cfg.time_embed_dim, D, cfg.norm_eps)
+        self.ff = FeedForward(D, cfg.dropout)
+        self.attn_temporal = None
+        if attention_layout == "2d+1d":
+            self.attn_temporal = Attention(D, cfg.num_attention_heads, cfg.attention_bias)
+            nn.init.zeros_(self.attn_temporal.to_out.weight)
+            nn.init.zeros_(self.attn_temporal.to_out.bias)
+
+    def forward(self, x, emb, text_len: int, grid, rope: Rope | None, ops: Ops):
+        """x (B, S, D) joint sequence, emb (B, time_embed_dim) -> (B, S, D)."""
+        shift1, scale1, gate1 = self.norm1(emb)                                # (B, 2, D) each
+        shift2, scale2, gate2 = self.norm2(emb)
+        h = ops.expert_adaln(x, shift1, scale1, text_len, **self.norm1.affine())             # (B, S, D)
+        if self.attn_temporal is None:
+            a = self.attn1(h, text_len, grid, rope, ops)
+        else:
+            a = self.spatial_attention(h, text_len, grid, rope, ops)
+            x, h = ops.expert_adaln_residual(x, a, gate1, shift1, scale1, text_len, **self.norm1.affine())
+            a = self.temporal_attention(h, text_len, grid, rope, ops)
+        x, h = ops.expert_adaln_residual(x, a, gate1, shift2, scale2, text_len, **self.norm2.affine())
+        return x + expert_rows(gate2, text_len, x.shape[1]) * self.ff(h)
+
+    def spatial_attention(self, h, text_len, grid, rope, ops):
+        """2d+1d stage 1: (B, S, D) -> (B, S, D); per frame, [text | frame tokens] attend to each other."""
+        B, S, D = h.shape
+        T, M = grid[0], grid[1] * grid[2]
+        q, k, v = self.attn1.qkv(h, text_len, grid, rope, ops)               # (B, S, H, Dh)
+
+        def per_frame(t):                                                      # -> (B*T, L + M, H, Dh)
+            text = t[:, None, :text_len].expand(B, T, text_len, *t.shape[2:])
+            return torch.cat([text, t[:, text_len:].unflatten(1, (T, M))], dim=2).flatten(0, 1)
+
+        o = attention(per_frame(q), per_frame(k), per_frame(v)).unflatten(0, (B, T))   # (B, T, L + M, H, Dh)
+        o = torch.cat([o[:, :, :text_len].mean(dim=1), o[:, :, text_len:].flatten(1, 2)], dim=1)   # (B, S, H, Dh)
+        return self.attn1.to_out(o.flatten(2))
+
+    def temporal_attention(self, h, text_len, grid, rope, ops):
+        """2d+1d stage 2: (B, S, D) -> (B, S, D); vision tokens at one spatial position attend across frames."""
+        B, S, D = h.shape
+        T, M = grid[0], grid[1] * grid[2]
+        q, k, v = self.attn_temporal.qkv(h[:, text_len:], 0, grid, rope, ops)   # (B, N, H, Dh)
+
+        def per_position(t):                                                   # -> (B*M, T, H, Dh)
+            return t.unflatten(1, (T, M)).transpose(1, 2).flatten(0, 1)
+
+        o = attention(per_position(q), per_position(k), per_position(v))       # (B*M, T, H, Dh)
+        o = o.unflatten(0, (B, M)).transpose(1, 2).flatten(1, 2)                # (B, N, H, Dh)
+        return torch.cat([h.new_zeros(B, text_len, D), self.attn_temporal.to_out(o.flatten(2))], dim=1)
+
+
+class CogVideoXTransformer(nn.Module):
+    """CogVideoX expert transformer. forward(latents, text, timestep, ofs=None) -> (B, F, C_out, H, W).
+
+    use_kernels: None = fused kernels on CUDA, pure-torch references on CPU; True = the public `kernels` ops;
+    False = the references. attention_layout: "3d" (CogVideoX) or "2d+1d" (ablation; see CogVideoXBlock).
+    """
+
+    def __init__(self, config: TransformerConfig, use_kernels: bool | None = None, attention_layout: str = "3d"):
+        super().__init__()
+        if not isinstance(config, TransformerConfig):
+            raise TypeError(f"config must be a TransformerConfig, got {type(config).__name__}")
+        if attention_layout not in ("3d", "2d+1d"):
+            raise ValueError(f"attention_layout must be '3d' or '2d+1d', got {attention_layout!r}")
+        if use_kernels not in (None, True, False):
+            raise TypeError(f"use_kernels must be None, True or False, got {use_kernels!r}")
+        self.config, self.use_kernels, self.attention_layout = config, use_kernels, attention_layout
+        cfg, D = config, config.inner_dim
+        self.patch_embed = PatchEmbed(cfg)
+        self.embedding_dropout = nn.Dropout(cfg.dropout)
+        self.time_embedding = TimestepEmbedding(D, cfg.time_embed_dim)
+        self.ofs_embedding = TimestepEmbedding(cfg.ofs_embed_dim, cfg.ofs_embed_dim) if cfg.ofs_embed_dim else None
+        self.transformer_blocks = nn.ModuleList(CogVideoXBlock(cfg, attention_layout) for _ in range(cfg.num_layers))
+        self.norm_final = nn.LayerNorm(D, eps=cfg.norm_eps)
+        self.norm_out = nn.Module()                                            # diffusers' AdaLayerNorm
+        self.norm_out.linear = nn.Linear(cfg.time_embed_dim, 2 * D)           # rows [shift | scale]
+        self.norm_out.norm = nn.LayerNorm(D, eps=cfg.norm_eps)
+        self.proj_out = nn.Linear(D, cfg.patch_dim * cfg.out_channels)
+
+    def forward(self, latents, text, timestep, ofs=None):
+        """latents (B, F, C_in, H, W), text (B, L, text_embed_dim), timestep (B,), ofs (B,) or (1,) for
+        1.5-I2V -> (B, F, C_out, H, W), in the model's dtype."""
+        cfg = self.config
+        timestep, ofs = self._check_inputs(latents, text, timestep, ofs)
+        ops = KERNEL_OPS if (latents.is_cuda if self.use_kernels is None else self.use_kernels) else REFERENCE_OPS
+        B, Fr, _, H, W = latents.shape
+        p, pt, L = cfg.patch_size, cfg.patch_size_t or 1, text.shape[1]
+        grid = (Fr // pt, H // p, W // p)
+        emb = self.time_embedding(timestep_sincos(timestep, cfg.inner_dim).to(latents.dtype))   # (B, E_t)
+        if self.ofs_embedding is not None:
+            emb = emb + self.ofs_embedding(timestep_sincos(ofs, cfg.ofs_embed_dim).to(latents.dtype))
+        x = self.embedding_dropout(self.patch_embed(text, latents, cfg, grid))  # (B, S, D) = [text | vision]
+        rope = rope_positions(cfg, grid) if cfg.use_rotary_positional_embeddings else None
+        for block in self.transformer_blocks:
+            x = block(x, emb, L, grid, rope, ops)                               # (B, S, D)
+        x = self.norm_final(x[:, L:])                                           # (B, N, D) vision only
+        shift, scale = self.norm_out.linear(F.silu(emb)).unflatten(1, (2, 1, -1)).unbind(1)   # (B, 1, D) each
+        x = ops.expert_adaln(x, shift, scale, 0, weight=self.norm_out.norm.weight, bias=self.norm_out.norm.bias,
+                             eps=self.norm_out.norm.eps)
+        return unpatchify(self.proj_out(x), grid, p, pt)                      # (B, F, C_out, H, W)
+
+    def _check_inputs(self, latents, text, timestep, ofs):
+        cfg = self.config
+        dtype = self.proj_out.weight.dtype
+        for name, t, nd in (("latents", latents, 5), ("text", text, 3)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            if t.dim() != nd:
+                raise ValueError(f"{name} must be {nd}-D, got shape {tuple(t.shape)}")
+            if t.dtype != dtype:
+                raise TypeError(f"{name} has dtype {t.dtype} but the model's parameters are {dtype}")
+        B, Fr, C, H, W = latents.shape
+        p, pt = cfg.patch_size, cfg.patch_size_t or 1
+        if C != cfg.in_channels:
+            raise ValueError(f"latents must be (B, F, C={cfg.in_channels}, H, W) (frames before channels), "
+                             f"got {tuple(latents.shape)}")
+        if H % p or W % p or Fr % pt or Fr == 0:
+            raise ValueError(f"latent H, W must be multiples of patch_size {p} and F a positive multiple of "
+                             f"patch_size_t {pt}, got F={Fr}, H={H}, W={W}")
+        if cfg.use_learned_positional_embeddings and (H, W) != (cfg.sample_height, cfg.sample_width):
+            raise ValueError(f"a learned positional table (5B-I2V) only fits latents of {cfg.sample_height} x "
+                             f"{cfg.sample_width}, got {H} x {W} (diffusers refuses this too)")
+        if text.shape[0] != B or text.shape[2] != cfg.text_embed_dim:
+            raise ValueError(f"text must be (B={B}, L, {cfg.text_embed_dim}), got {tuple(text.shape)}")
+        timestep = torch.as_tensor(timestep, device=latents.device)
+        if timestep.dim() == 0:
+            timestep = timestep.expand(B)
+        if timestep.shape != (B,):
+            raise ValueError(f"timestep must be a scalar or (B={B},), got {tuple(timestep.shape)}")
+        if (ofs is None) != (self.ofs_embedding is None):
+            raise ValueError("ofs is required by (and only by) models with ofs_embed_dim (1.5-I2V)")
+        if ofs is not None:
+            ofs = torch.as_tensor(ofs, device=latents.device).reshape(-1)
+            if ofs.shape[0] not in (1, B):
+                raise ValueError(f"ofs must be a scalar, (1,) or (B={B},), got {tuple(ofs.shape)}")
+        return timestep, ofs
+
+
+def compile_blocks(model: CogVideoXTransformer, **compile_kwargs) -> CogVideoXTransformer:
+    """torch.compile each block in place with fullgraph=True (state_dict keys unchanged); returns the model.
+
+    dynamic=True by default: the sequence length, the grid and the RoPE start/step (floats that change with the
+    resolution for 1.0 checkpoints) are symbolic from the first trace, so new resolutions reuse the graph. A size
+    of 1 (one latent frame, one patch row) is specialized by Dynamo and costs one recompilation. The blocks share
+    one code object and therefore their compiled graphs. Extra kwargs (backend, mode, dynamic) go to torch.compile.
+    """
+    if not isinstance(model, CogVideoXTransformer):
+        raise TypeError(f"compile_blocks takes a CogVideoXTransformer, got {type(model).__name__}")
+    compile_kwargs.setdefault("dynamic", True)
+    for block in model.transformer_blocks:
+        block.compile(fullgraph=True, **compile_kwargs)
+    return model
