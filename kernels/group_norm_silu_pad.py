@@ -6,17 +6,47 @@ CausalConv3d):
     h   = h * zq_scale + zq_shift                          SpatialNorm3D: zq_scale = conv_y(zq), zq_shift = conv_b(zq)
     h   = silu(h)                                          (if silu)
     out, new_cache = causal_pad3d(h, kernel_t, cache, pad_hw, mode="first")
+fp32 inside, one rounding to x.dtype at the store. Fused: diffusers runs group_norm, two elementwise ops, silu, cat,
+pad and clone (~7 passes over the activation); here it is one read for the statistics and one read + one write.
 
-TRITON KERNELS: TO BE WRITTEN (helper). The reference below is the readable definition.
+Kernel layout (forward, three launches):
+1. _gn_stats_kernel: one program per chunk of one (b, c, t) frame: CHUNK = ITERS x BLOCK elements (BLOCK <= 1024,
+   ITERS <= 8, 8 warps), so one video with 32 groups still fills a GPU: the VAE's (1, 128, 9, 480, 720) chunk runs
+   128 x 9 x 43 = 49,536 programs, (1, 512, 3, 60, 90) 1,536. Each lane runs Welford over its ITERS values and the
+   lanes are merged once with Chan's formula into the program's (count, mean, M2): no sum of squares of 10^7 - 10^8
+   values is ever formed (a group of the full-resolution VAE activation holds 4 x 49 x 480 x 720 = 6.8e7).
+2. _gn_combine_kernel: one program per (b, group) merges its Cg x T x n_chunks partials in a fixed order (total
+   count and mean first, then M2 = sum(M2_i + n_i (mean_i - mean)^2)): deterministic, fp32, numerically safe.
+3. _gn_apply_kernel: the causal_pad3d forward tiling (8 x 256 output tiles of one (b, c, t_out) frame, 8 warps):
+   normalize, affine, modulate, SiLU, zero the spatial border, store out and, for the last kernel_t - 1 frames,
+   new_cache. Front frames are the cache (copied as is) or the normalized frame 0.
+Backward (deterministic, no atomics): dy is gathered from the output grad (its own padded position, the front
+frames for frame 0 without a cache, new_cache's grad), never scattered.
+1. _gn_bwd_kernel, DX=0 (stats tiling): recompute h, write dzq_scale = dm * a and dzq_shift = dm, and per program
+   the partial sums of da and da * xhat (a = affine output, m = modulated, da = dL/da).
+2. torch sums over the partials axis (fixed order): dweight, dbias, and the per-group means of dxhat and
+   dxhat * xhat that the GroupNorm backward needs.
+3. _gn_bwd_kernel, DX=1 (stats tiling, recomputing h rather than storing da): dx = rstd (da w - mean(dxhat) -
+   xhat mean(dxhat xhat)).
+dcache is the causal_pad3d backward restricted to the cache frames.
+Offsets: frame base offsets are int64 (2.17e9-element activations); offsets inside one frame are int32.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
-from ._dispatch import check_like, check_shape, check_tensor
+from ._dispatch import check_like, check_shape, check_tensor, use_triton
 from .causal_pad3d import _check as _check_pad
-from .causal_pad3d import causal_pad3d_ref
+from .causal_pad3d import _check_frame_span, _grid, _rounded, _tile, causal_pad3d_bwd, causal_pad3d_bwd_ref, \
+    causal_pad3d_ref
+
+_MAX_GRID_X = 2**31 - 1
+COMBINE_BLOCK = 1024   # partials merged per step by _gn_combine_kernel (one program per (b, group))
 
 
 def group_norm_silu_pad_ref(x, num_groups, weight=None, bias=None, eps=1e-6, kernel_t=3, cache=None,
@@ -30,11 +60,399 @@ def group_norm_silu_pad_ref(x, num_groups, weight=None, bias=None, eps=1e-6, ker
     return causal_pad3d_ref(h.to(x.dtype), kernel_t, cache, pad_hw, "first")
 
 
+def _group_stats_ref(x, num_groups, eps):
+    """mean, rstd: (B, G) fp32."""
+    var, mean = torch.var_mean(x.float().reshape(x.shape[0], num_groups, -1), dim=-1, unbiased=False)
+    return mean, torch.rsqrt(var + eps)
+
+
+def group_norm_silu_pad_bwd_ref(dout, dnc, x, weight, bias, zq_scale, zq_shift, mean, rstd, num_groups, kernel_t,
+                                has_cache, pad_h, pad_w, silu):
+    """The gradient of group_norm_silu_pad_ref written out in fp32 torch (autograd is off inside a custom op's impl):
+    (dx, dweight, dbias, dzq_scale, dzq_shift, dcache), empty tensors for absent inputs."""
+    B, C, T, H, W = x.shape
+    G = num_groups
+    dy, dcache = causal_pad3d_bwd_ref(dout.float(), None if dnc is None else dnc.float(), T, kernel_t, pad_h, pad_w,
+                                      "first", has_cache)         # dy: (B, C, T, H, W) fp32, dL/dh
+    dcache = dcache.to(x.dtype)
+    per_group = (B, G, 1, 1, 1, 1)
+    xhat = ((x.float().reshape(B, G, C // G, T, H, W) - mean.reshape(per_group)) * rstd.reshape(per_group))
+    xhat = xhat.reshape(B, C, T, H, W)
+    w = weight.float().reshape(1, C, 1, 1, 1) if weight is not None else None
+    a = xhat * w if w is not None else xhat
+    a = a + bias.float().reshape(1, C, 1, 1, 1) if bias is not None else a
+    m = a * zq_scale.float() + zq_shift.float() if zq_scale is not None else a
+    if silu:
+        s = torch.sigmoid(m)
+        dm = dy * s * (1 + m * (1 - s))
+    else:
+        dm = dy
+    empty = x.new_empty                                    # a fresh empty tensor for each absent input: no aliasing
+    dzs, dzb = ((dm * a).to(zq_scale.dtype), dm.to(zq_shift.dtype)) if zq_scale is not None else (empty(0), empty(0))
+    da = dm * zq_scale.float() if zq_scale is not None else dm
+    dweight = (da * xhat).sum((0, 2, 3, 4)).to(weight.dtype) if weight is not None else empty(0)
+    dbias = da.sum((0, 2, 3, 4)).to(bias.dtype) if bias is not None else empty(0)
+    dxhat = (da * w if w is not None else da).reshape(B, G, -1)
+    xhat = xhat.reshape(B, G, -1)
+    dx = rstd[..., None] * (dxhat - dxhat.mean(-1, keepdim=True) - xhat * (dxhat * xhat).mean(-1, keepdim=True))
+    return dx.reshape(x.shape).to(x.dtype), dweight, dbias, dzs, dzb, dcache
+
+
+@triton.jit
+def _gn_stats_kernel(x_ptr, part_ptr, C, T, W, HW, n_chunks, sxb, sxc, sxt, sxh,
+                     BLOCK: tl.constexpr, ITERS: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    chunk = pid % n_chunks
+    bct = pid // n_chunks                                  # (b * C + c) * T + t
+    bc = bct // T
+    x_frame = x_ptr + (bc // C) * sxb + (bc % C) * sxc + (bct % T) * sxt
+    # Welford per lane (each lane sees ITERS values), then one Chan merge of the BLOCK lanes: no sum of squares is
+    # ever formed, and the block-wide reductions run once per program instead of once per iteration
+    n = tl.zeros([BLOCK], dtype=tl.float32)
+    mean = tl.zeros([BLOCK], dtype=tl.float32)
+    m2 = tl.zeros([BLOCK], dtype=tl.float32)
+    for i in range(ITERS):
+        idx = (chunk * ITERS * BLOCK + i * BLOCK).to(tl.int32) + tl.arange(0, BLOCK)
+        mask = idx < HW
+        v = tl.load(x_frame + (idx // W) * sxh + idx % W, mask=mask, other=0.0).to(tl.float32)
+        n += mask.to(tl.float32)
+        delta = tl.where(mask, v - mean, 0.0)
+        mean += delta / tl.maximum(n, 1.0)
+        m2 += delta * (v - mean)
+    n_all = tl.sum(n)
+    mean_all = tl.sum(n * mean) / tl.maximum(n_all, 1.0)
+    d = mean - mean_all
+    tl.store(part_ptr + pid * 3, n_all)
+    tl.store(part_ptr + pid * 3 + 1, mean_all)
+    tl.store(part_ptr + pid * 3 + 2, tl.sum(m2 + n * d * d))
+
+
+@triton.jit
+def _gn_combine_kernel(part_ptr, mean_ptr, rstd_ptr, P, eps, BLOCK_P: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)                    # b * G + g; its P partials are contiguous
+    parts = part_ptr + pid * P * 3
+    acc_n = tl.zeros([BLOCK_P], dtype=tl.float32)
+    acc_s = tl.zeros([BLOCK_P], dtype=tl.float32)
+    for start in range(0, P, BLOCK_P):
+        i = start + tl.arange(0, BLOCK_P)
+        cnt = tl.load(parts + i * 3, mask=i < P, other=0.0)
+        acc_n += cnt
+        acc_s += cnt * tl.load(parts + i * 3 + 1, mask=i < P, other=0.0)
+    n = tl.sum(acc_n)
+    mean = tl.sum(acc_s) / n
+    acc = tl.zeros([BLOCK_P], dtype=tl.float32)
+    for start in range(0, P, BLOCK_P):
+        i = start + tl.arange(0, BLOCK_P)
+        cnt = tl.load(parts + i * 3, mask=i < P, other=0.0)
+        d = tl.load(parts + i * 3 + 1, mask=i < P, other=0.0) - mean
+        acc += tl.load(parts + i * 3 + 2, mask=i < P, other=0.0) + cnt * d * d
+    var = tl.sum(acc) / n
+    tl.store(mean_ptr + pid, mean)
+    tl.store(rstd_ptr + pid, 1.0 / tl.sqrt((var + eps).to(tl.float32)))   # eps may arrive as fp64
+
+
+@triton.jit
+def _gn_apply_kernel(x_ptr, cache_ptr, zs_ptr, zb_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, out_ptr, nc_ptr,
+                     C, G, T, H, W, KT, PH, PW, Tp, Ho, Wo, n_hb,
+                     sxb, sxc, sxt, sxh, scb, scc, sct, sch, ssb, ssc, sst, ssh, szb, szc, szt, szh,
+                     HAS_CACHE: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_ZQ: tl.constexpr,
+                     SILU: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    hb = pid % n_hb
+    plane = pid // n_hb                                    # (b * C + c) * Tp + tp
+    tp = plane % Tp
+    bc = plane // Tp
+    b = bc // C
+    c = bc % C
+    h_out = (hb * BLOCK_H).to(tl.int32) + tl.arange(0, BLOCK_H)[:, None]       # (BLOCK_H, 1)
+    w_out = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)[None, :]        # (1, BLOCK_W)
+    in_out = (h_out < Ho) & (w_out < Wo)
+    h_in = h_out - PH
+    w_in = w_out - PW
+    valid = in_out & (h_in >= 0) & (h_in < H) & (w_in >= 0) & (w_in < W)
+    # scalar conditions enter masks through tl.where: the interpreter mistypes `block & scalar_bool` as an int mask
+    front = tp < KT
+    if HAS_CACHE:
+        from_x = tp >= KT
+    else:
+        from_x = tp >= 0                                   # front frames are the normalized frame 0
+    t_src = tl.maximum(tp - KT, 0)
+    x_mask = tl.where(from_x, valid, False)
+    v = tl.load(x_ptr + b * sxb + c * sxc + t_src * sxt + h_in * sxh + w_in, mask=x_mask, other=0.0)
+    grp = b * G + c // (C // G)
+    y = (v.to(tl.float32) - tl.load(mean_ptr + grp)) * tl.load(rstd_ptr + grp)
+    if HAS_W:
+        y = y * tl.load(w_ptr + c).to(tl.float32)
+    if HAS_B:
+        y = y + tl.load(b_ptr + c).to(tl.float32)
+    if HAS_ZQ:
+        zs = tl.load(zs_ptr + b * ssb + c * ssc + t_src * sst + h_in * ssh + w_in, mask=x_mask, other=0.0)
+        zb = tl.load(zb_ptr + b * szb + c * szc + t_src * szt + h_in * szh + w_in, mask=x_mask, other=0.0)
+        y = y * zs.to(tl.float32) + zb.to(tl.float32)
+    if SILU:
+        y = y / (1.0 + tl.exp(-y))
+    val = _rounded(tl.where(valid, y, 0.0), out_ptr.dtype.element_ty)          # the spatial border is zeros
+    if HAS_CACHE:
+        c_ptrs = cache_ptr + b * scb + c * scc + tl.minimum(tp, KT - 1) * sct + h_in * sch + w_in
+        val = tl.where(front, tl.load(c_ptrs, mask=tl.where(front, valid, False), other=0.0), val)
+    tl.store(out_ptr + plane * Ho * Wo + h_out * Wo + w_out, val, mask=in_out)
+    nc_frame = tp - (Tp - KT)
+    tl.store(nc_ptr + (bc * KT + nc_frame) * H * W + h_in * W + w_in, val,
+             mask=tl.where(nc_frame >= 0, valid, False))
+
+
+@triton.jit
+def _gather_dy(dout_ptr, dnc_ptr, bc, t, hh, ww, mask, T, H, W, KT, PH, PW, Tp, Ho, Wo,
+               HAS_CACHE: tl.constexpr, HAS_DNC: tl.constexpr):
+    """dL/dh for frame t of the chunk (fp32): the sum over every output element that was copied from it."""
+    pos = (hh + PH) * Wo + ww + PW
+    dy = tl.load(dout_ptr + (bc * Tp + t + KT) * Ho * Wo + pos, mask=mask, other=0.0).to(tl.float32)
+    if HAS_DNC:
+        f = t + KT - T                                     # its padded frame is among new_cache's frames
+        dy += tl.load(dnc_ptr + (bc * KT + f) * H * W + hh * W + ww, mask=tl.where(f >= 0, mask, False),
+                      other=0.0).to(tl.float32)
+    if not HAS_CACHE:                                      # frame 0 was also copied into the KT front frames
+        n_front = tl.where(t == 0, KT, 0)
+        for j in range(0, n_front):
+            dy += tl.load(dout_ptr + (bc * Tp + j) * Ho * Wo + pos, mask=mask, other=0.0).to(tl.float32)
+            if HAS_DNC:
+                dy += tl.load(dnc_ptr + (bc * KT + j - T) * H * W + hh * W + ww,
+                              mask=tl.where(j >= T, mask, False), other=0.0).to(tl.float32)
+    return dy
+
+
+@triton.jit
+def _gn_bwd_kernel(dout_ptr, dnc_ptr, x_ptr, zs_ptr, zb_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr,
+                   dzs_ptr, dzb_ptr, part_ptr, c1_ptr, c2_ptr, dx_ptr,
+                   C, G, T, H, W, HW, KT, PH, PW, Tp, Ho, Wo, n_chunks,
+                   sxb, sxc, sxt, sxh, ssb, ssc, sst, ssh, szb, szc, szt, szh,
+                   DX: tl.constexpr, HAS_CACHE: tl.constexpr, HAS_DNC: tl.constexpr, HAS_W: tl.constexpr,
+                   HAS_B: tl.constexpr, HAS_ZQ: tl.constexpr, SILU: tl.constexpr,
+                   BLOCK: tl.constexpr, ITERS: tl.constexpr):
+    """DX = 0: store dzq_scale, dzq_shift and this program's partial sums of da and da * xhat.
+    DX = 1: store dx, given c1, c2 = the group means of dxhat and dxhat * xhat."""
+    pid = tl.program_id(0).to(tl.int64)
+    chunk = pid % n_chunks
+    bct = pid // n_chunks                                  # (b * C + c) * T + t
+    t = bct % T
+    bc = bct // T
+    b = bc // C
+    c = bc % C
+    grp = b * G + c // (C // G)
+    mean = tl.load(mean_ptr + grp)
+    rstd = tl.load(rstd_ptr + grp)
+    w_c = tl.load(w_ptr + c).to(tl.float32) if HAS_W else 1.0
+    b_c = tl.load(b_ptr + c).to(tl.float32) if HAS_B else 0.0
+    acc_da = tl.zeros([BLOCK], dtype=tl.float32)
+    acc_dax = tl.zeros([BLOCK], dtype=tl.float32)
+    for i in range(ITERS):
+        idx = (chunk * ITERS * BLOCK + i * BLOCK).to(tl.int32) + tl.arange(0, BLOCK)
+        mask = idx < HW
+        hh = idx // W
+        ww = idx % W
+        dm = _gather_dy(dout_ptr, dnc_ptr, bc, t, hh, ww, mask, T, H, W, KT, PH, PW, Tp, Ho, Wo, HAS_CACHE, HAS_DNC)
+        v = tl.load(x_ptr + b * sxb + c * sxc + t * sxt + hh * sxh + ww, mask=mask, other=0.0).to(tl.float32)
+        xhat = (v - mean) * rstd
+        a = xhat * w_c + b_c                               # affine output
+        if HAS_ZQ:
+            zs = tl.load(zs_ptr + b * ssb + c * ssc + t * sst + hh * ssh + ww, mask=mask, other=0.0).to(tl.float32)
+            m = a * zs + tl.load(zb_ptr + b * szb + c * szc + t * szt + hh * szh + ww, mask=mask,
+                                 other=0.0).to(tl.float32)
+        else:
+            m = a                                          # modulated
+        if SILU:
+            s = 1.0 / (1.0 + tl.exp(-m))
+            dm = dm * s * (1.0 + m * (1.0 - s))
+        da = dm * zs if HAS_ZQ else dm
+        if DX:
+            dx = rstd * (da * w_c - tl.load(c1_ptr + grp) - xhat * tl.load(c2_ptr + grp))
+            tl.store(dx_ptr + bct * HW + idx, _rounded(dx, dx_ptr.dtype.element_ty), mask=mask)
+        else:
+            if HAS_ZQ:
+                tl.store(dzs_ptr + bct * HW + idx, _rounded(dm * a, dzs_ptr.dtype.element_ty), mask=mask)
+                tl.store(dzb_ptr + bct * HW + idx, _rounded(dm, dzb_ptr.dtype.element_ty), mask=mask)
+            acc_da += tl.where(mask, da, 0.0)
+            acc_dax += tl.where(mask, da * xhat, 0.0)
+    if not DX:
+        tl.store(part_ptr + pid * 2, tl.sum(acc_da))
+        tl.store(part_ptr + pid * 2 + 1, tl.sum(acc_dax))
+
+
+def _chunking(hw: int):
+    """(BLOCK, ITERS, n_chunks, num_warps) for the kernels that walk (b, c, t) frames: up to 8 x 1024 elements a
+    program; 8 warps at BLOCK 1024 (4 values a thread) keep the backward kernels at 64-113 registers on sm_90."""
+    block = min(1024, triton.next_power_of_2(max(hw, 1)))
+    iters = min(8, triton.cdiv(hw, block))
+    return block, iters, triton.cdiv(hw, block * iters), 8 if block >= 1024 else 4
+
+
+def _strides4(t):
+    return t.stride(0), t.stride(1), t.stride(2), t.stride(3)
+
+
+def _prepare(x, *others):
+    """Unit last stride for every 5-D input (copies only where it is missing); frames must fit int32 offsets."""
+    out = [None if t is None else (t if t.stride(-1) == 1 else t.contiguous()) for t in (x,) + others]
+    for t in out:
+        if t is not None:
+            _check_frame_span("input", t)
+    return out
+
+
+def group_norm_silu_pad_fwd(x, num_groups, weight, bias, eps, kernel_t, cache, pad_h, pad_w, zq_scale, zq_shift,
+                            silu):
+    x, cache, zq_scale, zq_shift = _prepare(x, cache, zq_scale, zq_shift)
+    weight, bias = [None if p is None else p.contiguous() for p in (weight, bias)]   # (C,): indexed by channel
+    B, C, T, H, W = x.shape
+    G, kt = num_groups, kernel_t - 1
+    Tp, Ho, Wo = T + kt, H + 2 * pad_h, W + 2 * pad_w
+    out = x.new_empty(B, C, Tp, Ho, Wo)
+    new_cache = x.new_empty(B, C, kt, H, W)
+    mean = x.new_empty(B, G, dtype=torch.float32)
+    rstd = x.new_empty(B, G, dtype=torch.float32)
+    if x.numel() == 0:
+        return out, new_cache, mean, rstd
+    block, iters, n_chunks, warps = _chunking(H * W)
+    n_prog = B * C * T * n_chunks
+    if n_prog > _MAX_GRID_X:
+        raise ValueError(f"tensor too large for one launch: {n_prog} programs")
+    parts = x.new_empty(n_prog, 3, dtype=torch.float32)
+    _gn_stats_kernel[(n_prog,)](x, parts, C, T, W, H * W, n_chunks, *_strides4(x),
+                                BLOCK=block, ITERS=iters, num_warps=warps)
+    _gn_combine_kernel[(B * G,)](parts, mean, rstd, n_prog // (B * G), eps, BLOCK_P=COMBINE_BLOCK, num_warps=4)
+    block_h, block_w, warps = _tile(Ho, Wo)
+    n_hb, grid = _grid(B * C * Tp, Ho, Wo, block_h, block_w)
+    c, zs, zb = (cache if cache is not None else x), (zq_scale if zq_scale is not None else x), \
+        (zq_shift if zq_shift is not None else x)
+    _gn_apply_kernel[grid](
+        x, c, zs, zb, x if weight is None else weight, x if bias is None else bias, mean, rstd, out, new_cache,
+        C, G, T, H, W, kt, pad_h, pad_w, Tp, Ho, Wo, n_hb, *_strides4(x), *_strides4(c), *_strides4(zs),
+        *_strides4(zb), HAS_CACHE=int(cache is not None), HAS_W=int(weight is not None),
+        HAS_B=int(bias is not None), HAS_ZQ=int(zq_scale is not None), SILU=int(silu),
+        BLOCK_H=block_h, BLOCK_W=block_w, num_warps=warps)
+    return out, new_cache, mean, rstd
+
+
+def group_norm_silu_pad_bwd(dout, dnc, x, weight, bias, zq_scale, zq_shift, mean, rstd, num_groups, kernel_t,
+                            has_cache, pad_h, pad_w, silu):
+    x, zq_scale, zq_shift = _prepare(x, zq_scale, zq_shift)
+    weight, bias = [None if p is None else p.contiguous() for p in (weight, bias)]
+    dout = dout.contiguous()
+    dnc = None if dnc is None or dnc.numel() == 0 else dnc.contiguous()
+    _check_frame_span("grad", dout)
+    B, C, T, H, W = x.shape
+    G, kt = num_groups, kernel_t - 1
+    Tp, Ho, Wo = T + kt, H + 2 * pad_h, W + 2 * pad_w
+    empty = x.new_empty                                    # a fresh empty tensor for each absent input: no aliasing
+    has_zq = zq_scale is not None
+    dzs = torch.empty_like(x, memory_format=torch.contiguous_format) if has_zq else empty(0)
+    dzb = torch.empty_like(x, memory_format=torch.contiguous_format) if has_zq else empty(0)
+    dx = torch.empty_like(x, memory_format=torch.contiguous_format)
+    dcache = causal_pad3d_bwd(dout, dnc, T, kernel_t, pad_h, pad_w, "first", True, need_dx=False)[1] \
+        if has_cache else empty(0)
+    block, iters, n_chunks, warps = _chunking(H * W)
+    n_prog = B * C * T * n_chunks
+    if n_prog > _MAX_GRID_X:
+        raise ValueError(f"tensor too large for one launch: {n_prog} programs")
+    parts = x.new_empty(B, C, T * n_chunks, 2, dtype=torch.float32)
+    zs = zq_scale if has_zq else x
+    zb = zq_shift if has_zq else x
+    args = (dout, dout if dnc is None else dnc, x, zs, zb, x if weight is None else weight,
+            x if bias is None else bias, mean, rstd)
+    shape_args = (C, G, T, H, W, H * W, kt, pad_h, pad_w, Tp, Ho, Wo, n_chunks,
+                  *_strides4(x), *_strides4(zs), *_strides4(zb))
+    flags = dict(HAS_CACHE=int(has_cache), HAS_DNC=int(dnc is not None), HAS_W=int(weight is not None),
+                 HAS_B=int(bias is not None), HAS_ZQ=int(has_zq), SILU=int(silu), BLOCK=block, ITERS=iters,
+                 num_warps=warps)
+    _gn_bwd_kernel[(n_prog,)](*args, dzs if has_zq else x, dzb if has_zq else x, parts, mean, mean, x, *shape_args,
+                              DX=0, **flags)
+    # fixed-order reductions over the partials axis: deterministic
+    sums = parts.sum(2)                                             # (B, C, 2): sum da, sum da * xhat per channel
+    dweight = sums[..., 1].sum(0).to(weight.dtype) if weight is not None else empty(0)
+    dbias = sums[..., 0].sum(0).to(bias.dtype) if bias is not None else empty(0)
+    w = weight.float()[None, :, None] if weight is not None else 1.0
+    group = (sums * w).reshape(B, G, C // G, 2).sum(2) / (C // G * T * H * W)   # means of dxhat, dxhat * xhat
+    c1, c2 = group[..., 0].contiguous(), group[..., 1].contiguous()
+    _gn_bwd_kernel[(n_prog,)](*args, x, x, parts, c1, c2, dx, *shape_args, DX=1, **flags)
+    return dx, dweight, dbias, dzs, dzb, dcache
+
+
+@torch.library.custom_op("cogvideox::group_norm_silu_pad", mutates_args=())
+def _group_norm_silu_pad_op(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor],
+                            bias: Optional[torch.Tensor], eps: float, kernel_t: int, cache: Optional[torch.Tensor],
+                            pad_h: int, pad_w: int, zq_scale: Optional[torch.Tensor], zq_shift: Optional[torch.Tensor],
+                            silu: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (out, new_cache, mean, rstd); mean and rstd (B, G) fp32 are saved for the backward."""
+    if use_triton(x):
+        return group_norm_silu_pad_fwd(x, num_groups, weight, bias, eps, kernel_t, cache, pad_h, pad_w, zq_scale,
+                                       zq_shift, silu)
+    out, new_cache = group_norm_silu_pad_ref(x, num_groups, weight, bias, eps, kernel_t, cache, (pad_h, pad_w),
+                                             zq_scale, zq_shift, silu)
+    return (out, new_cache) + _group_stats_ref(x, num_groups, eps)
+
+
+@_group_norm_silu_pad_op.register_fake
+def _(x, num_groups, weight, bias, eps, kernel_t, cache, pad_h, pad_w, zq_scale, zq_shift, silu):
+    B, C, T, H, W = x.shape
+    kt = kernel_t - 1
+    return (x.new_empty(B, C, T + kt, H + 2 * pad_h, W + 2 * pad_w), x.new_empty(B, C, kt, H, W),
+            x.new_empty(B, num_groups, dtype=torch.float32), x.new_empty(B, num_groups, dtype=torch.float32))
+
+
+@torch.library.custom_op("cogvideox::group_norm_silu_pad_bwd", mutates_args=())
+def _group_norm_silu_pad_bwd_op(dout: torch.Tensor, dnc: Optional[torch.Tensor], x: torch.Tensor,
+                                weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                                zq_scale: Optional[torch.Tensor], zq_shift: Optional[torch.Tensor],
+                                mean: torch.Tensor, rstd: torch.Tensor, num_groups: int, kernel_t: int,
+                                has_cache: bool, pad_h: int, pad_w: int, silu: bool) -> list[torch.Tensor]:
+    """(dx, dweight, dbias, dzq_scale, dzq_shift, dcache); an empty tensor for each absent input."""
+    fn = group_norm_silu_pad_bwd if use_triton(x) else group_norm_silu_pad_bwd_ref
+    return list(fn(dout, dnc, x, weight, bias, zq_scale, zq_shift, mean, rstd, num_groups, kernel_t, has_cache,
+                   pad_h, pad_w, silu))
+
+
+@_group_norm_silu_pad_bwd_op.register_fake
+def _(dout, dnc, x, weight, bias, zq_scale, zq_shift, mean, rstd, num_groups, kernel_t, has_cache, pad_h, pad_w,
+      silu):
+    B, C, T, H, W = x.shape
+
+    def like_x(t):
+        return x.new_empty(0) if t is None else torch.empty_like(x, memory_format=torch.contiguous_format)
+
+    return [like_x(x), x.new_empty(0) if weight is None else torch.empty_like(weight),
+            x.new_empty(0) if bias is None else torch.empty_like(bias), like_x(zq_scale), like_x(zq_shift),
+            x.new_empty(B, C, kernel_t - 1, H, W) if has_cache else x.new_empty(0)]
+
+
+def _setup_context(ctx, inputs, output):
+    x, num_groups, weight, bias, eps, kernel_t, cache, pad_h, pad_w, zq_scale, zq_shift, silu = inputs
+    out, new_cache, mean, rstd = output
+    ctx.save_for_backward(x, weight, bias, zq_scale, zq_shift, mean, rstd)
+    ctx.mark_non_differentiable(mean, rstd)
+    ctx.args = (num_groups, kernel_t, cache is not None, pad_h, pad_w, silu)
+
+
+def _backward(ctx, dout, dnc, _dmean, _drstd):
+    x, weight, bias, zq_scale, zq_shift, mean, rstd = ctx.saved_tensors
+    num_groups, kernel_t, has_cache, pad_h, pad_w, silu = ctx.args
+    dx, dw, db, dzs, dzb, dcache = _group_norm_silu_pad_bwd_op(
+        dout.contiguous(), None if dnc is None else dnc.contiguous(), x, weight, bias, zq_scale, zq_shift, mean, rstd,
+        num_groups, kernel_t, has_cache, pad_h, pad_w, silu)
+    opt = lambda t, g: g if t is not None else None  # noqa: E731
+    return (dx, None, opt(weight, dw), opt(bias, db), None, None, dcache if has_cache else None, None, None,
+            opt(zq_scale, dzs), opt(zq_shift, dzb), None)
+
+
+_group_norm_silu_pad_op.register_autograd(_backward, setup_context=_setup_context)
+
+
 def group_norm_silu_pad(x, num_groups, weight=None, bias=None, eps=1e-6, kernel_t=3, cache=None, pad_hw=(1, 1),
                         zq_scale=None, zq_shift=None, silu=True):
     """x: (B, C, T, H, W); weight, bias: (C,); zq_scale, zq_shift: (B, C, T, H, W) or None
     -> (out (B, C, T+kernel_t-1, H+2ph, W+2pw), new_cache (B, C, kernel_t-1, H, W))."""
     _check_pad(x, kernel_t, cache, tuple(pad_hw), "first")
+    if x.numel() == 0:
+        raise ValueError(f"x must not be empty (GroupNorm statistics of no elements), got shape {tuple(x.shape)}")
     C = x.shape[1]
     if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1 or C % num_groups:
         raise ValueError(f"num_groups must be a positive int dividing C={C}, got {num_groups!r}")
@@ -50,5 +468,11 @@ def group_norm_silu_pad(x, num_groups, weight=None, bias=None, eps=1e-6, kernel_
             check_tensor(name, p, ndim=5)
             check_like(name, p, "x", x)
             check_shape(name, p, tuple(x.shape))
-    return group_norm_silu_pad_ref(x, num_groups, weight, bias, eps, kernel_t, cache, tuple(pad_hw),
-                                   zq_scale, zq_shift, silu)
+    if not isinstance(silu, bool):
+        raise TypeError(f"silu must be a bool, got {type(silu).__name__}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
+        raise ValueError(f"eps must be a positive float, got {eps!r}")
+    pad_h, pad_w = pad_hw
+    out, new_cache, _, _ = _group_norm_silu_pad_op(x, num_groups, weight, bias, float(eps), kernel_t, cache, pad_h,
+                                                   pad_w, zq_scale, zq_shift, silu)
+    return out, new_cache

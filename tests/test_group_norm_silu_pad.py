@@ -1,0 +1,334 @@
+"""group_norm_silu_pad: Triton kernels (interpreter) vs the reference; registration, compile, AOT sm_90, errors."""
+import re
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kernels.group_norm_silu_pad  # noqa: F401  (the package re-exports the function under the same name)
+from conftest import assert_parity
+from kernels.causal_pad3d import _tile, causal_pad3d_ref
+from test_causal_pad3d import _addptr_offsets, aot_compile, poisoned_allocations  # noqa: F401 (a fixture)
+
+gn = sys.modules["kernels.group_norm_silu_pad"]
+group_norm_silu_pad, group_norm_silu_pad_ref = gn.group_norm_silu_pad, gn.group_norm_silu_pad_ref
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# (shape, num_groups, kernel_t, pad_hw, with_cache, spatial_norm, silu, affine)
+CASES = [
+    ((2, 6, 1, 5, 7), 3, 3, (1, 1), False, True, True, True),      # decoder, first chunk of one latent frame
+    ((1, 4, 3, 4, 6), 2, 3, (1, 1), True, True, True, True),       # decoder, a cached chunk
+    ((2, 6, 2, 3, 9), 2, 3, (1, 1), False, False, True, True),     # encoder resnet, first chunk
+    ((1, 4, 2, 5, 3), 4, 1, (0, 0), False, False, False, False),   # k1, plain GroupNorm without affine
+    ((1, 6, 1, 3, 5), 3, 4, (2, 1), True, False, True, True),      # T < kernel_t - 1: the cache feeds new_cache
+]
+
+
+def _inputs(shape, kernel_t, with_cache, spatial_norm, affine, dtype):
+    B, C, T, H, W = shape
+    x = torch.randn(shape) * 1.5 + 0.5
+    t = {"x": x, "weight": 1 + 0.3 * torch.randn(C) if affine else None, "bias": torch.randn(C) if affine else None,
+         "cache": torch.randn(B, C, kernel_t - 1, H, W) if with_cache else None,
+         "zq_scale": 1 + 0.5 * torch.randn(shape) if spatial_norm else None,
+         "zq_shift": torch.randn(shape) if spatial_norm else None}
+    return {k: None if v is None else v.to(dtype) for k, v in t.items()}
+
+
+def _plain(x, num_groups, weight=None, bias=None, eps=1e-6, kernel_t=3, cache=None, pad_hw=(1, 1), zq_scale=None,
+           zq_shift=None, silu=True):
+    """What diffusers does, op by op in x's dtype."""
+    h = F.group_norm(x, num_groups, weight, bias, eps)
+    if zq_scale is not None:
+        h = h * zq_scale + zq_shift
+    if silu:
+        h = F.silu(h)
+    return causal_pad3d_ref(h, kernel_t, cache, pad_hw, "first")
+
+
+NAMES = ["x", "weight", "bias", "cache", "zq_scale", "zq_shift"]
+
+
+def _run(fn, t, num_groups, kernel_t, pad_hw, silu, gout, gnc, dtype=None):
+    """Forward + backward of fn on copies of the tensors t (cast to dtype): (out, new_cache, {name: grad})."""
+    leaves = {k: None if v is None else (v.to(dtype) if dtype else v).detach().clone().requires_grad_()
+              for k, v in t.items()}
+    out, nc = fn(leaves["x"], num_groups, leaves["weight"], leaves["bias"], 1e-6, kernel_t, leaves["cache"], pad_hw,
+                 leaves["zq_scale"], leaves["zq_shift"], silu)
+    loss = (out * gout.to(out.dtype)).sum()
+    if gnc is not None:
+        loss = loss + (nc * gnc.to(nc.dtype)).sum()
+    loss.backward()
+    return out.detach(), nc.detach(), {k: v.grad for k, v in leaves.items() if v is not None}
+
+
+def _grad_outputs(shape, kernel_t, pad_hw, dtype=torch.float32):
+    """Output grads with values representable in dtype, so that ours, plain and the fp64 reference see the same."""
+    B, C, T, H, W = shape
+    gout = torch.randn(B, C, T + kernel_t - 1, H + 2 * pad_hw[0], W + 2 * pad_hw[1]).to(dtype).double()
+    return gout, torch.randn(B, C, kernel_t - 1, H, W).to(dtype).double()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_parity(triton_kernels, dtype):
+    torch.manual_seed(0)
+    for shape, G, kernel_t, pad_hw, with_cache, spatial_norm, silu, affine in CASES:
+        t = _inputs(shape, kernel_t, with_cache, spatial_norm, affine, dtype)
+        gout, gnc = _grad_outputs(shape, kernel_t, pad_hw, dtype)
+        out, nc, grads = _run(group_norm_silu_pad, t, G, kernel_t, pad_hw, silu, gout, gnc)
+        ref_out, ref_nc, ref_grads = _run(group_norm_silu_pad_ref, t, G, kernel_t, pad_hw, silu, gout, gnc,
+                                          dtype=torch.float64)
+        plain_out, plain_nc, plain_grads = _run(_plain, t, G, kernel_t, pad_hw, silu, gout, gnc)
+        case = f"{shape} G={G} k={kernel_t} cache={with_cache} zq={spatial_norm} silu={silu}"
+        assert_parity(out, ref_out, plain_out, atol=1e-5, name=f"out {case}")
+        if kernel_t > 1:   # conftest's assert_parity cannot take the empty cache of kernel_t = 1
+            assert_parity(nc, ref_nc, plain_nc, atol=1e-5, name=f"new_cache {case}")
+        assert nc.shape == ref_nc.shape
+        assert set(grads) == set(ref_grads)
+        for k in grads:
+            assert grads[k].dtype == t[k].dtype
+            assert_parity(grads[k], ref_grads[k], plain_grads[k], atol=1e-5, name=f"d{k} {case}")
+
+
+def test_reference_backward_matches_autograd(torch_kernels):
+    """The op's written-out pure-torch backward (the CPU path) against autograd through the fp64 reference."""
+    torch.manual_seed(1)
+    for shape, G, kernel_t, pad_hw, with_cache, spatial_norm, silu, affine in CASES:
+        t = _inputs(shape, kernel_t, with_cache, spatial_norm, affine, torch.float32)
+        gout, gnc = _grad_outputs(shape, kernel_t, pad_hw)
+        out, nc, grads = _run(group_norm_silu_pad, t, G, kernel_t, pad_hw, silu, gout, gnc)
+        _, _, ref = _run(group_norm_silu_pad_ref, t, G, kernel_t, pad_hw, silu, gout, gnc, dtype=torch.float64)
+        for k in grads:
+            assert_parity(grads[k], ref[k], rtol=2e-5, atol=1e-5, name=f"d{k}")
+
+
+def test_every_output_element_written(triton_kernels, poisoned_allocations):
+    torch.manual_seed(8)
+    for with_cache, spatial_norm in ((False, True), (True, False)):
+        t = _inputs((1, 4, 2, 5, 3), 4, with_cache, spatial_norm, True, torch.float32)
+        gout, gnc = _grad_outputs((1, 4, 2, 5, 3), 4, (2, 1))
+        out, nc, grads = _run(group_norm_silu_pad, t, 2, 4, (2, 1), True, gout, gnc)
+        ref_out, ref_nc, ref = _run(group_norm_silu_pad_ref, t, 2, 4, (2, 1), True, gout, gnc, dtype=torch.float64)
+        assert_parity(out, ref_out, name="out")
+        assert_parity(nc, ref_nc, name="new_cache")
+        for k in ref:
+            assert_parity(grads[k], ref[k], atol=1e-5, name=f"d{k}")
+
+
+def test_chunked_decode(triton_kernels):
+    """Chunk 1 (one frame, replicate-first) hands its new_cache to chunk 2, as the VAE's causal convs do."""
+    torch.manual_seed(7)
+    t = _inputs((1, 4, 4, 3, 5), 3, False, True, True, torch.bfloat16)
+    chunks = [slice(0, 1), slice(1, 4)]
+    cache = ref_cache = None
+    for sl in chunks:
+        args = (t["x"][:, :, sl], 2, t["weight"], t["bias"], 1e-6, 3)
+        kw = dict(zq_scale=t["zq_scale"][:, :, sl], zq_shift=t["zq_shift"][:, :, sl])
+        out, cache = group_norm_silu_pad(*args, cache=cache, **kw)
+        ref_out, ref_cache = group_norm_silu_pad_ref(*args, cache=ref_cache, **kw)
+        # both round once from fp32; at most one bf16 ulp apart where fp32 summation orders differ
+        torch.testing.assert_close(out, ref_out, rtol=8e-3, atol=8e-3)
+        torch.testing.assert_close(cache, ref_cache, rtol=8e-3, atol=8e-3)
+
+
+def test_statistics_far_from_zero(triton_kernels):
+    """Chan/Welford partials: a mean of 3000 and a std of 1 over several programs per frame keeps rstd exact to fp32
+    level (E[x^2] - E[x]^2 in fp32 would lose every digit)."""
+    torch.manual_seed(2)
+    x = 3000 + torch.randn(1, 4, 2, 96, 181)          # 17,376 elements a frame: 3 programs of up to 8 x 1024
+    assert gn._chunking(96 * 181)[2] == 3
+    _, _, mean, rstd = gn._group_norm_silu_pad_op(x, 2, None, None, 1e-6, 1, None, 0, 0, None, None, False)
+    var, ref_mean = torch.var_mean(x.double().reshape(1, 2, -1), dim=-1, unbiased=False)
+    torch.testing.assert_close(mean.double(), ref_mean, rtol=1e-7, atol=0)
+    torch.testing.assert_close(rstd.double(), torch.rsqrt(var + 1e-6), rtol=2e-5, atol=0)
+
+
+def test_strided_inputs_and_stride0_grads(triton_kernels):
+    torch.manual_seed(3)
+    B, C, T, H, W = 1, 4, 2, 4, 6
+    x = torch.randn(B, C + 2, T + 1, H + 1, W + 3)[:, 1:5, 1:, :H, 2:8]          # views, last stride 1
+    zs = torch.randn(B, C, T, W, H).transpose(3, 4)                              # last stride != 1: copied
+    zb = torch.randn(1, 1, T, H, W).expand(B, C, T, H, W)                        # stride 0 along C
+    cache = torch.randn(B, C, 5, H, W)[:, :, 1:3]
+    weight, bias = torch.randn(2 * C)[::2], torch.randn(C)                       # a strided weight
+    leaves = [t.detach().requires_grad_() for t in (x, weight, bias, cache, zs)]
+    out, nc = group_norm_silu_pad(leaves[0], 2, leaves[1], leaves[2], 1e-6, 3, leaves[3], (1, 1), leaves[4], zb)
+    (out.sum() + nc.sum()).backward()                                            # stride-0 output grads
+    refs = [t.detach().double().requires_grad_() for t in (x, weight, bias, cache, zs)]
+    ro, rn = group_norm_silu_pad_ref(refs[0], 2, refs[1], refs[2], 1e-6, 3, refs[3], (1, 1), refs[4], zb.double())
+    (ro.sum() + rn.sum()).backward()
+    assert_parity(out, ro, name="out")
+    assert_parity(nc, rn, name="new_cache")
+    for ours, ref, name in zip(leaves, refs, NAMES):
+        assert_parity(ours.grad, ref.grad, atol=1e-5, name=f"d{name}")
+
+
+def test_backward_deterministic_and_out_only(triton_kernels):
+    """Two backward passes agree bit for bit; a loss on `out` alone (no new_cache grad) is also correct."""
+    torch.manual_seed(4)
+    t = _inputs((1, 4, 2, 5, 6), 3, False, True, True, torch.bfloat16)
+    gout, _ = _grad_outputs((1, 4, 2, 5, 6), 3, (1, 1), torch.bfloat16)
+    runs = [_run(group_norm_silu_pad, t, 2, 3, (1, 1), True, gout, None)[2] for _ in range(2)]
+    for k in runs[0]:
+        assert torch.equal(runs[0][k], runs[1][k]), k
+    _, _, ref = _run(group_norm_silu_pad_ref, t, 2, 3, (1, 1), True, gout, None, dtype=torch.float64)
+    _, _, plain = _run(_plain, t, 2, 3, (1, 1), True, gout, None)
+    for k in ref:
+        assert_parity(runs[0][k], ref[k], plain[k], atol=1e-5, name=f"d{k}")
+
+
+def test_default_cpu_path_is_reference(monkeypatch):
+    monkeypatch.delenv("COGVIDEOX_KERNELS", raising=False)
+    t = _inputs((1, 4, 2, 3, 5), 3, True, True, True, torch.float32)
+    ours = group_norm_silu_pad(t["x"], 2, t["weight"], t["bias"], 1e-6, 3, t["cache"], (1, 1), t["zq_scale"],
+                               t["zq_shift"])
+    ref = group_norm_silu_pad_ref(t["x"], 2, t["weight"], t["bias"], 1e-6, 3, t["cache"], (1, 1), t["zq_scale"],
+                                  t["zq_shift"])
+    for a, b in zip(ours, ref):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("use_triton", [False, True])
+def test_opcheck(monkeypatch, use_triton):
+    monkeypatch.setenv("COGVIDEOX_KERNELS", "triton" if use_triton else "torch")
+    torch.manual_seed(5)
+    t = {k: None if v is None else v.requires_grad_() for k, v in
+         _inputs((1, 4, 2, 3, 4), 3, True, True, True, torch.float32).items()}
+    torch.library.opcheck(gn._group_norm_silu_pad_op, (t["x"], 2, t["weight"], t["bias"], 1e-6, 3, t["cache"], 1, 1,
+                                                       t["zq_scale"], t["zq_shift"], True))
+    x = torch.randn(1, 4, 1, 3, 4, requires_grad=True)
+    torch.library.opcheck(gn._group_norm_silu_pad_op, (x, 4, None, None, 1e-6, 3, None, 0, 1, None, None, False))
+    mean, rstd = torch.randn(1, 2), torch.rand(1, 2) + 0.5
+    dout, dnc = torch.randn(1, 4, 4, 5, 6), torch.randn(1, 4, 2, 3, 4)
+    torch.library.opcheck(gn._group_norm_silu_pad_bwd_op,
+                          (dout, dnc, t["x"].detach(), t["weight"].detach(), t["bias"].detach(),
+                           t["zq_scale"].detach(), t["zq_shift"].detach(), mean, rstd, 2, 3, True, 1, 1, True))
+    torch.library.opcheck(gn._group_norm_silu_pad_bwd_op,
+                          (dout, None, t["x"].detach(), None, None, None, None, mean, rstd, 2, 3, False, 1, 1, False))
+
+
+def test_compile_no_graph_breaks(triton_kernels):
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiles = []
+
+    def backend(gm, example_inputs):
+        compiles.append(gm)
+        return gm.forward
+
+    def f(x, weight, bias, cache, zq_scale, zq_shift):
+        out, nc = group_norm_silu_pad(x, 2, weight, bias, 1e-6, 3, cache, (1, 1), zq_scale, zq_shift)
+        return out.float().square().sum() + nc.sum()
+
+    cf = torch.compile(f, backend=backend, fullgraph=True)
+    torch.manual_seed(6)
+    for T in (1, 2, 3):
+        t = _inputs((1, 4, T, 3, 4), 3, True, True, True, torch.float32)
+        leaves = [t[k].requires_grad_() for k in NAMES]
+        cf(*leaves).backward()
+        refs = [v.detach().clone().requires_grad_() for v in leaves]
+        f(*refs).backward()
+        for a, b, name in zip(leaves, refs, NAMES):
+            torch.testing.assert_close(a.grad, b.grad, msg=name)
+    assert sum(torch._dynamo.utils.counters["graph_break"].values()) == 0
+    assert len(compiles) <= 2
+
+
+# the CogVideoX VAE's norms (GroupNorm(32) before each k3 causal conv, pad 1): encoder at full resolution with a
+# 9-frame first chunk, the lower encoder levels, the decoder's 60 x 90 latent-resolution mid block and its up levels
+VAE_SHAPES = [(1, 128, 9, 480, 720), (1, 256, 5, 240, 360), (1, 512, 3, 120, 180), (1, 512, 3, 60, 90),
+              (1, 256, 5, 240, 360), (1, 128, 8, 480, 720)]
+F32_PTRS = ("part_ptr", "mean_ptr", "rstd_ptr", "c1_ptr", "c2_ptr")
+
+
+def _signature(kernel_name):
+    kernel = getattr(gn, kernel_name)
+    args = kernel.arg_names if hasattr(kernel, "arg_names") else kernel.fn.__code__.co_varnames
+    sig = {}
+    for name in args:
+        if name in ("BLOCK", "ITERS", "BLOCK_P", "BLOCK_H", "BLOCK_W", "SILU", "DX") or name.startswith("HAS_"):
+            sig[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            sig[name] = "*fp32" if name in F32_PTRS else "*bf16"
+        else:
+            sig[name] = "fp32" if name == "eps" else "i32"
+    return sig
+
+
+def test_aot_sm90_no_spills_and_int64_offsets():
+    jobs = []
+    chunkings = sorted({gn._chunking(H * W) for B, C, T, H, W in VAE_SHAPES})
+    tiles = sorted({_tile(H + 2, W + 2) for B, C, T, H, W in VAE_SHAPES})
+    for block, iters, _, warps in chunkings:
+        jobs.append(("_gn_stats_kernel", {"BLOCK": block, "ITERS": iters}, warps))
+        for dx in (0, 1):
+            for has_cache, has_zq in ((0, 1), (1, 0)):
+                jobs.append(("_gn_bwd_kernel", dict(DX=dx, HAS_CACHE=has_cache, HAS_DNC=1, HAS_W=1, HAS_B=1,
+                                                    HAS_ZQ=has_zq, SILU=1, BLOCK=block, ITERS=iters), warps))
+    jobs.append(("_gn_combine_kernel", {"BLOCK_P": gn.COMBINE_BLOCK}, 4))
+    for block_h, block_w, warps in tiles:
+        for has_cache, has_zq in ((0, 1), (1, 1), (0, 0)):
+            jobs.append(("_gn_apply_kernel", dict(HAS_CACHE=has_cache, HAS_W=1, HAS_B=1, HAS_ZQ=has_zq, SILU=1,
+                                                  BLOCK_H=block_h, BLOCK_W=block_w), warps))
+    results = aot_compile([("kernels.group_norm_silu_pad", name, _signature(name), constexprs, warps)
+                           for name, constexprs, warps in jobs])
+    for (name, constexprs, _), info in zip(jobs, results):
+        assert not info["spills"], (name, constexprs, info["n_regs"])
+        ttir = info["ttir"]
+        if name == "_gn_combine_kernel":
+            assert _addptr_offsets(ttir, "part_ptr") == ["i64"]
+            continue
+        # frame base offsets: the strides are widened to i64 before the multiply ...
+        for stride in ("sxb", "sxc", "sxt"):
+            assert re.search(rf"arith\.extsi %{stride} : i32 to i64", ttir), (name, stride)
+        # ... and so is every base pointer's first (scalar) offset
+        zq = ("zs_ptr", "zb_ptr") if constexprs.get("HAS_ZQ") else ()
+        ptrs = {"_gn_stats_kernel": ("x_ptr", "part_ptr"),
+                "_gn_apply_kernel": ("x_ptr", "out_ptr", "nc_ptr") + zq
+                + (("cache_ptr",) if constexprs.get("HAS_CACHE") else ()),
+                "_gn_bwd_kernel": ("dout_ptr", "dnc_ptr", "x_ptr") + zq + (
+                    ("dx_ptr",) if constexprs.get("DX") else ("part_ptr",) + (("dzs_ptr", "dzb_ptr") if zq else ()))
+                }[name]
+        for ptr in ptrs:
+            offsets = _addptr_offsets(ttir, ptr)
+            assert offsets and set(offsets) == {"i64"}, (name, constexprs, ptr, offsets)
+
+
+def test_vae_launch_sizes():
+    for B, C, T, H, W in VAE_SHAPES + [(1, 128, 49, 480, 720)]:
+        block, iters, n_chunks, _ = gn._chunking(H * W)
+        assert block * iters * n_chunks >= H * W > block * iters * (n_chunks - 1)
+        assert B * C * T * n_chunks < 2**31
+    # one video with 32 groups fills an H100 (132 SMs): tens of thousands of statistics programs
+    assert 128 * 9 * gn._chunking(480 * 720)[2] > 100 * 132
+
+
+def _bad(**overrides):
+    args = dict(x=torch.randn(1, 4, 2, 3, 5), num_groups=2, weight=None, bias=None, eps=1e-6, kernel_t=3, cache=None,
+                pad_hw=(1, 1), zq_scale=None, zq_shift=None, silu=True)
+    args.update(overrides)
+    return lambda: group_norm_silu_pad(**args)
+
+
+@pytest.mark.parametrize("call, exc, match", [
+    (_bad(x=torch.randn(4, 2, 3, 5)), ValueError, "5-D"),
+    (_bad(x=torch.randint(0, 3, (1, 4, 2, 3, 5))), TypeError, "dtype"),
+    (_bad(num_groups=3), ValueError, "num_groups"),
+    (_bad(num_groups=True), ValueError, "num_groups"),
+    (_bad(weight=torch.randn(3)), ValueError, "weight must have shape"),
+    (_bad(bias=torch.randn(4, 1)), ValueError, "bias must be 1-D"),
+    (_bad(weight=torch.randn(4, device="meta")), ValueError, "device"),
+    (_bad(zq_scale=torch.randn(1, 4, 2, 3, 5)), ValueError, "together"),
+    (_bad(zq_scale=torch.randn(1, 4, 1, 3, 5), zq_shift=torch.randn(1, 4, 1, 3, 5)), ValueError, "zq_scale must"),
+    (_bad(zq_scale=torch.randn(1, 4, 2, 3, 5).half(), zq_shift=torch.randn(1, 4, 2, 3, 5).half()), TypeError,
+     "dtype"),
+    (_bad(cache=torch.randn(1, 4, 1, 3, 5)), ValueError, "cache must have shape"),
+    (_bad(kernel_t=0), ValueError, "kernel_t"),
+    (_bad(pad_hw=(1, -1)), ValueError, "pad_hw"),
+    (_bad(silu=1), TypeError, "silu"),
+    (_bad(eps=0.0), ValueError, "eps"),
+    (_bad(x=torch.randn(1, 4, 2, 0, 5)), ValueError, "empty"),
+])
+def test_bad_input(call, exc, match):
+    with pytest.raises(exc, match=match):
+        call()
