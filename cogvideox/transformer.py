@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 import kernels
 from kernels.expert_adaln import expert_rows
+from kernels.rope3d import rope3d_positions
 
 from .attention import attention
 from .config import TransformerConfig
@@ -47,7 +48,9 @@ class Ops(NamedTuple):
 KERNEL_OPS = Ops(kernels.expert_adaln, kernels.expert_adaln_residual, kernels.rope3d)
 REFERENCE_OPS = Ops(kernels.expert_adaln_ref, kernels.expert_adaln_residual_ref, kernels.rope3d_ref)
 
-Rope = tuple  # ((start_t, start_h, start_w), (step_t, step_h, step_w)): token positions for kernels.rope3d
+# (start, step) of the vision tokens for kernels.rope3d, per axis (t, h, w): two fp32 (3,) tensors (the rows of
+# one (2, 3) tensor built once per forward), or two float triples (as rope_positions returns them)
+Rope = tuple
 
 
 def timestep_sincos(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -335,7 +338,11 @@ class CogVideoXTransformer(nn.Module):
         if self.ofs_embedding is not None:
             emb = emb + self.ofs_embedding(timestep_sincos(ofs, cfg.ofs_embed_dim).to(latents.dtype))
         x = self.embedding_dropout(self.patch_embed(text, latents, cfg, grid))  # (B, S, D) = [text | vision]
-        rope = rope_positions(cfg, grid) if cfg.use_rotary_positional_embeddings else None
+        rope = None
+        if cfg.use_rotary_positional_embeddings:
+            # As tensors, built here once (one host-to-device copy), outside the blocks: compiled blocks then take
+            # the positions as data, and 1.0's fractional positions, new at every aspect ratio, do not recompile.
+            rope = rope3d_positions(*rope_positions(cfg, grid), device=latents.device)   # (3,), (3,) fp32
         for block in self.transformer_blocks:
             x = block(x, emb, L, grid, rope, ops)                               # (B, S, D)
         x = self.norm_final(x[:, L:])                                           # (B, N, D) vision only
@@ -384,9 +391,10 @@ class CogVideoXTransformer(nn.Module):
 def compile_blocks(model: CogVideoXTransformer, **compile_kwargs) -> CogVideoXTransformer:
     """torch.compile each block in place with fullgraph=True (state_dict keys unchanged); returns the model.
 
-    dynamic=True by default: the sequence length, the grid and the RoPE start/step (floats that change with the
-    resolution for 1.0 checkpoints) are symbolic from the first trace, so new resolutions reuse the graph. A size
-    of 1 (one latent frame, one patch row) is specialized by Dynamo and costs one recompilation. The blocks share
+    dynamic=True by default: the sequence length and the grid are symbolic from the first trace, and the RoPE
+    start/step (fractional and new at every aspect ratio for 1.0 checkpoints) reach the blocks as fp32 tensors,
+    with the kernels and with the references alike, so new resolutions reuse the graph. A size of 1 (one latent
+    frame, one patch row) is specialized by Dynamo and costs one recompilation. The blocks share
     one code object and therefore their compiled graphs. Extra kwargs (backend, mode, dynamic) go to torch.compile.
     """
     if not isinstance(model, CogVideoXTransformer):

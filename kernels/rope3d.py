@@ -2,7 +2,7 @@
 
 x: (B, S, H, Dh) with S = text_len + T*Hg*Wg. Optional LayerNorm(Dh) on every token (text included), then for
 vision token n at (t, y, x) (row-major) and channel pair (2k, 2k+1) of axis a in [t | h | w]:
-    pos   = start[a] + index_a * step[a]
+    pos   = start[a] + index_a * step[a]          start, step: three floats, or fp32 (3,) tensors on x's device
     ang   = pos * theta ** (-2k / d_a)
     out[2k]   = x[2k] cos(ang) - x[2k+1] sin(ang)
     out[2k+1] = x[2k+1] cos(ang) + x[2k] sin(ang)
@@ -12,6 +12,9 @@ Fused: one read of x (any strides, e.g. the q slice of the (B, S, 3, H, Dh) QKV 
 out; cos/sin are computed in the kernel (no table in memory). A program owns BLOCK_S tokens and loops over the
 batch and the heads, so its (BLOCK_S, Dh/2) cos/sin are computed once, before the loop, and reused for every
 (batch, head) tile: the transcendental work shrinks with B*H and the kernel stays memory-bound.
+start / step reach the kernels as two (3,) fp32 tensors (6 scalar loads per program), never as Python floats:
+under torch.compile a float argument of a custom op is a constant the graph specializes on, and the CogVideoX 1.0
+positions change with every resolution (fractional, from the resize-crop region). A tensor is a graph input.
 Backward: the rotation is orthogonal, so dz = R(-ang) dy; then LayerNorm backward (mean/rstd recomputed from x,
 nothing but x is saved) and per-program partial sums of dweight/dbias, reduced on the host in a fixed order.
 """
@@ -33,12 +36,43 @@ def default_axes_dim(head_dim: int) -> tuple[int, int, int]:
     return head_dim // 4, head_dim // 8 * 3, head_dim // 8 * 3
 
 
+def rope3d_positions(start, step, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """start, step (three floats each, or (3,) tensors) -> two fp32 (3,) tensors on `device`.
+
+    Tensors are only cast and moved where needed (a no-op for fp32 tensors already on `device`). Two float triples
+    become one (2, 3) tensor and its two rows: eagerly one host-to-device copy, from pinned memory so that it is
+    asynchronous (a copy from pageable memory synchronizes the stream); under torch.compile a product with a
+    tensor instead, because Dynamo keeps a float that feeds tensor arithmetic a symbolic graph input, while a
+    float inside torch.tensor([...]) becomes a constant it guards on (a recompilation for every new position).
+    """
+    device = torch.device(device) if device is not None else None
+    triples = [v for v in (start, step) if not isinstance(v, torch.Tensor)]
+    if triples:
+        values = [f for v in triples for f in v]
+        if torch.compiler.is_compiling():
+            one = torch.ones((), dtype=torch.float32, device=device)
+            rows = torch.stack([one * v for v in values])
+        elif device is not None and device.type == "cuda":
+            rows = torch.tensor(values, dtype=torch.float32).pin_memory().to(device, non_blocking=True)
+        else:
+            rows = torch.tensor(values, dtype=torch.float32, device=device)
+        rows = iter(rows.view(len(triples), 3).unbind(0))
+    return tuple(torch.as_tensor(v, dtype=torch.float32, device=device) if isinstance(v, torch.Tensor)
+                 else next(rows) for v in (start, step))
+
+
 def rope3d_table(grid, start=(0.0, 0.0, 0.0), step=(1.0, 1.0, 1.0), theta=10000.0, axes_dim=(16, 24, 24),
                  device=None):
-    """cos, sin: (T*Hg*Wg, sum(axes_dim)) fp32, interleaved (channels 2k and 2k+1 share a frequency)."""
+    """cos, sin: (T*Hg*Wg, sum(axes_dim)) fp32, interleaved (channels 2k and 2k+1 share a frequency).
+
+    start / step: three floats each or fp32 (3,) tensors; device None: start's device if it is a tensor, else CPU.
+    """
+    if device is None and isinstance(start, torch.Tensor):
+        device = start.device
+    start, step = rope3d_positions(start, step, device)
     angles = []
-    for n, s0, ds, d in zip(grid, start, step, axes_dim):
-        pos = s0 + torch.arange(n, device=device, dtype=torch.float32) * ds
+    for a, (n, d) in enumerate(zip(grid, axes_dim)):
+        pos = start[a] + torch.arange(n, device=device, dtype=torch.float32) * step[a]       # fp32, as diffusers
         inv_freq = 1.0 / (theta ** (torch.arange(0, d, 2, device=device, dtype=torch.float32) / d))
         angles.append(torch.outer(pos, inv_freq).repeat_interleave(2, dim=1))
     T, Hg, Wg = grid
@@ -102,9 +136,15 @@ def _round_out(y, RTNE_BF16: tl.constexpr):
 
 
 @triton.jit
-def _rope3d_cos_sin(s, text_len, Hg, Wg, start_t, start_h, start_w, step_t, step_h, step_w, log2_theta,
+def _rope3d_cos_sin(s, text_len, Hg, Wg, START, STEP, log2_theta,
                     HEAD_DIM: tl.constexpr, DT: tl.constexpr, DH: tl.constexpr, BLOCK_D: tl.constexpr):
-    """cos, sin (BLOCK_S, BLOCK_D/2) fp32 for tokens s; text tokens get cos 1, sin 0 (no rotation)."""
+    """cos, sin (BLOCK_S, BLOCK_D/2) fp32 for tokens s; text tokens get cos 1, sin 0 (no rotation).
+
+    START, STEP: (3,) fp32 (t, h, w), read from memory (six scalar loads per program) so that positions are data,
+    not compile-time constants, for torch.compile.
+    """
+    start_t, start_h, start_w = tl.load(START), tl.load(START + 1), tl.load(START + 2)
+    step_t, step_h, step_w = tl.load(STEP), tl.load(STEP + 1), tl.load(STEP + 2)
     # vision index n = f*Hg*Wg + y*Wg + x; clamped at 0 so text rows divide harmlessly
     n = tl.maximum(s - text_len, 0)
     f = n // (Hg * Wg)
@@ -129,16 +169,14 @@ def _rope3d_cos_sin(s, text_len, Hg, Wg, start_t, start_h, start_w, step_t, step
 
 
 @triton.jit
-def _rope3d_fwd_kernel(X, W, Bias, OUT, B, S, H, sxb, sxs, sxh, text_len, Hg, Wg,
-                       start_t, start_h, start_w, step_t, step_h, step_w, log2_theta, eps,
+def _rope3d_fwd_kernel(X, W, Bias, OUT, B, S, H, sxb, sxs, sxh, text_len, Hg, Wg, START, STEP, log2_theta, eps,
                        HEAD_DIM: tl.constexpr, DT: tl.constexpr, DH: tl.constexpr, NORM: tl.constexpr,
                        HAS_W: tl.constexpr, HAS_B: tl.constexpr, RTNE_BF16: tl.constexpr,
                        BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
     HALF: tl.constexpr = BLOCK_D // 2
     eps = tl.cast(eps, tl.float32)
     s = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)                         # (BS,) token
-    cos, sin = _rope3d_cos_sin(s, text_len, Hg, Wg, start_t, start_h, start_w, step_t, step_h, step_w,
-                               log2_theta, HEAD_DIM, DT, DH, BLOCK_D)
+    cos, sin = _rope3d_cos_sin(s, text_len, Hg, Wg, START, STEP, log2_theta, HEAD_DIM, DT, DH, BLOCK_D)
     cos = cos[:, None, :]                                                         # (BS, 1, HALF)
     sin = sin[:, None, :]
     c = tl.arange(0, BLOCK_D)
@@ -171,8 +209,8 @@ def _rope3d_fwd_kernel(X, W, Bias, OUT, B, S, H, sxb, sxs, sxh, text_len, Hg, Wg
 
 
 @triton.jit
-def _rope3d_bwd_kernel(DY, X, W, DX, DW_PART, DB_PART, B, S, H, sxb, sxs, sxh, text_len, Hg, Wg,
-                       start_t, start_h, start_w, step_t, step_h, step_w, log2_theta, eps,
+def _rope3d_bwd_kernel(DY, X, W, DX, DW_PART, DB_PART, B, S, H, sxb, sxs, sxh, text_len, Hg, Wg, START, STEP,
+                       log2_theta, eps,
                        HEAD_DIM: tl.constexpr, DT: tl.constexpr, DH: tl.constexpr, NORM: tl.constexpr,
                        HAS_W: tl.constexpr, HAS_B: tl.constexpr, RTNE_BF16: tl.constexpr,
                        BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -180,8 +218,7 @@ def _rope3d_bwd_kernel(DY, X, W, DX, DW_PART, DB_PART, B, S, H, sxb, sxs, sxh, t
     eps = tl.cast(eps, tl.float32)
     pid = tl.program_id(0)
     s = pid * BLOCK_S + tl.arange(0, BLOCK_S)
-    cos, sin = _rope3d_cos_sin(s, text_len, Hg, Wg, start_t, start_h, start_w, step_t, step_h, step_w,
-                               log2_theta, HEAD_DIM, DT, DH, BLOCK_D)
+    cos, sin = _rope3d_cos_sin(s, text_len, Hg, Wg, START, STEP, log2_theta, HEAD_DIM, DT, DH, BLOCK_D)
     cos = cos[:, None, :]
     sin = sin[:, None, :]
     c = tl.arange(0, BLOCK_D)
@@ -244,16 +281,17 @@ def rope3d_config(H: int, head_dim: int, backward: bool = False) -> dict:
 def _launch_args(x, text_len, grid, start, step, theta, axes_dim, eps):
     B, S, H, Dh = x.shape
     T, Hg, Wg = grid
-    # Hg, Wg >= 1 keeps the kernel's integer divisions defined when there are no vision tokens
+    # Hg, Wg >= 1 keeps the kernel's integer divisions defined when there are no vision tokens; start / step are
+    # read with unit stride
     return ([B, S, H, x.stride(0), x.stride(1), x.stride(2), text_len, max(Hg, 1), max(Wg, 1),
-             float(start[0]), float(start[1]), float(start[2]), float(step[0]), float(step[1]), float(step[2]),
-             math.log2(theta), float(eps)],
+             start.float().contiguous(), step.float().contiguous(), math.log2(theta), float(eps)],
             {"HEAD_DIM": Dh, "DT": axes_dim[0], "DH": axes_dim[1],
              "RTNE_BF16": int(x.device.type == "cpu" and x.dtype == torch.bfloat16)})
 
 
 def rope3d_fwd(x, text_len, grid, start, step, theta, axes_dim, weight, bias, eps):
-    """Launch the forward kernel. x: (B, S, H, Dh), last stride 1 -> out (B, S, H, Dh) contiguous."""
+    """Launch the forward kernel. x: (B, S, H, Dh), last stride 1; start, step (3,) fp32 tensors on x's device
+    -> out (B, S, H, Dh) contiguous."""
     x = last_dim_contiguous(x)
     B, S, H, Dh = x.shape
     out = torch.empty((B, S, H, Dh), device=x.device, dtype=x.dtype)
@@ -320,7 +358,7 @@ def _rope3d_bwd_ref(dy, x, text_len, grid, start, step, theta, axes_dim, weight,
 
 
 @torch.library.custom_op("cogvideox::rope3d", mutates_args=())
-def _rope3d_op(x: torch.Tensor, text_len: int, grid: Sequence[int], start: Sequence[float], step: Sequence[float],
+def _rope3d_op(x: torch.Tensor, text_len: int, grid: Sequence[int], start: torch.Tensor, step: torch.Tensor,
                theta: float, axes_dim: Sequence[int], weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                eps: float) -> torch.Tensor:
     if use_triton(x):
@@ -335,7 +373,7 @@ def _(x, text_len, grid, start, step, theta, axes_dim, weight, bias, eps):
 
 @torch.library.custom_op("cogvideox::rope3d_bwd", mutates_args=())
 def _rope3d_bwd_op(dy: torch.Tensor, x: Optional[torch.Tensor], text_len: int, grid: Sequence[int],
-                   start: Sequence[float], step: Sequence[float], theta: float, axes_dim: Sequence[int],
+                   start: torch.Tensor, step: torch.Tensor, theta: float, axes_dim: Sequence[int],
                    weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                    eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     # a custom op cannot return None: absent dweight / dbias come back as empty tensors
@@ -356,14 +394,16 @@ def _(dy, x, text_len, grid, start, step, theta, axes_dim, weight, bias, eps):
 def _setup_context(ctx, inputs, output):
     x, text_len, grid, start, step, theta, axes_dim, weight, bias, eps = inputs
     norm = weight is not None or bias is not None
-    ctx.save_for_backward(x if norm else None, weight, bias)   # without a norm, backward needs no activation
-    ctx.args = (text_len, grid, start, step, theta, axes_dim)
+    ctx.save_for_backward(x if norm else None, weight, bias, start, step)   # without a norm, no activation
+    ctx.args = (text_len, grid, theta, axes_dim)
     ctx.eps = eps
 
 
 def _backward(ctx, dy):
-    x, weight, bias = ctx.saved_tensors
-    dx, dw, db = _rope3d_bwd_op(dy.contiguous(), x, *ctx.args, weight, bias, ctx.eps)
+    x, weight, bias, start, step = ctx.saved_tensors
+    text_len, grid, theta, axes_dim = ctx.args
+    dx, dw, db = _rope3d_bwd_op(dy.contiguous(), x, text_len, grid, start, step, theta, axes_dim, weight, bias,
+                                ctx.eps)
     return (dx, None, None, None, None, None, None, dw if weight is not None else None,
             db if bias is not None else None, None)
 
@@ -393,18 +433,30 @@ def _check(x, text_len, grid, axes_dim, weight, bias):
     return axes_dim
 
 
+def _check_positions(x, start, step):
+    """start / step: three floats, or fp32 (3,) tensors on x's device -> two fp32 (3,) tensors on x's device."""
+    for name, v in (("start", start), ("step", step)):
+        if isinstance(v, torch.Tensor):
+            check_tensor(name, v, ndim=1, dtypes=(torch.float32,))
+            check_like(name, v, "x", x, dtype=False)
+            check_shape(name, v, (3,))
+        elif len(v) != 3:
+            raise ValueError(f"{name} must hold three floats (t, h, w), got {v}")
+    return rope3d_positions(start, step, x.device)
+
+
 def rope3d(x, text_len, grid, start=(0.0, 0.0, 0.0), step=(1.0, 1.0, 1.0), theta=10000.0, axes_dim=None,
            weight=None, bias=None, eps=1e-6):
     """x: (B, S, H, Dh) q or k (any strides, last one 1); grid (T, Hg, Wg) of the vision tokens -> out (B, S, H, Dh).
 
-    start / step: per-axis (t, h, w) positions start + index * step (fractional at non-native resolutions).
+    start / step: per-axis (t, h, w) positions start + index * step (fractional at non-native resolutions), each
+    three floats or an fp32 (3,) tensor on x's device. Either way torch.compile treats them as data (one graph
+    for every resolution). Floats cost one small asynchronous host-to-device copy per call; a model that calls
+    rope3d in every layer builds the tensors once per forward instead (cogvideox.transformer does).
     weight / bias: (Dh,) LayerNorm affine shared by all heads; LayerNorm runs on every token when either is given.
     """
     axes_dim = _check(x, text_len, grid, axes_dim, weight, bias)
-    for name, v in (("start", start), ("step", step)):
-        if len(v) != 3:
-            raise ValueError(f"{name} must hold three floats (t, h, w), got {v}")
+    start, step = _check_positions(x, start, step)
     if not theta > 0:
         raise ValueError(f"theta must be positive, got {theta}")
-    return _rope3d_op(x, text_len, list(grid), [float(v) for v in start], [float(v) for v in step], float(theta),
-                      list(axes_dim), weight, bias, float(eps))
+    return _rope3d_op(x, text_len, list(grid), start, step, float(theta), list(axes_dim), weight, bias, float(eps))

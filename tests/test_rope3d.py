@@ -215,7 +215,8 @@ def test_opcheck(monkeypatch, kernels):
     monkeypatch.setenv("COGVIDEOX_KERNELS", kernels)
     x = _x(1, 2 + 6, 3, 32, torch.float32, "qkv").requires_grad_()
     w, b = torch.randn(32, requires_grad=True), torch.randn(32, requires_grad=True)
-    common = (2, [1, 2, 3], [0.0, 0.5, 0.0], [1.0, 1.0, 0.75], 10000.0, [8, 12, 12])
+    start, step = torch.tensor([0.0, 0.5, 0.0]), torch.tensor([1.0, 1.0, 0.75])
+    common = (2, [1, 2, 3], start, step, 10000.0, [8, 12, 12])
     torch.library.opcheck(torch.ops.cogvideox.rope3d.default, (x, *common, w, b, 1e-6))
     torch.library.opcheck(torch.ops.cogvideox.rope3d.default, (x, *common, None, None, 1e-6))
     dy = torch.randn(1, 8, 3, 32)
@@ -247,6 +248,72 @@ def test_compile_fullgraph_three_lengths(triton_kernels):
     assert 1 <= counters["stats"]["unique_graphs"] <= 2
 
 
+# (grid, start, step) as CogVideoX 1.0 builds them at three aspect ratios (cogvideox.transformer.rope_positions):
+# fractional h / w positions that change with the resolution, no axis of size 1 (nothing for Dynamo to specialize)
+POSITIONS = [
+    ((2, 3, 5), (0.0, 0.0, 1.0), (1.0, 1.0, 0.7)),
+    ((3, 4, 2), (0.0, 2.0, 0.0), (1.0, 0.51995, 1.5)),
+    ((2, 2, 6), (0.0, 1.0, 0.5), (1.0, 4.2, 0.8125)),
+]
+
+
+@pytest.mark.parametrize("kernels,given", [("triton", "tensor"), ("torch", "tensor"), ("triton", "floats")])
+def test_compile_positions_do_not_recompile(monkeypatch, kernels, given):
+    """torch.compile(fullgraph=True, dynamic=True) over three grids and three (start, step): zero graph breaks and
+    ONE graph, forward and backward equal to eager, with the Triton kernels and with the op's reference path.
+    Positions given as tensors are graph inputs; given as floats, Dynamo keeps them symbolic too (they reach the
+    op as a tensor built from them). A position that reached the op as a constant would recompile (a second
+    graph) or differ from eager. (rope3d_ref traced under compile with tensor positions: test_transformer's
+    compile_blocks test with the references.)"""
+    monkeypatch.setenv("COGVIDEOX_KERNELS", kernels)
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+
+    def f(x, w, b, grid, start, step):
+        return rope3d(x, 3, grid, start, step, weight=w, bias=b) * 2.0
+
+    compiled = torch.compile(f, fullgraph=True, dynamic=True, backend="aot_eager")
+    w, b = torch.randn(32), torch.randn(32)
+    for grid, start, step in POSITIONS:
+        if given == "tensor":
+            start, step = torch.tensor([start, step]).unbind(0)     # the rows of one (2, 3), as the model passes
+        S = 3 + grid[0] * grid[1] * grid[2]
+        x, dy = _x(2, S, 2, 32, torch.float32, "qkv"), torch.randn(2, S, 2, 32)
+        out, grads = _run(lambda *a, **k: compiled(a[0], k["weight"], k["bias"], grid, start, step), x, dy, w, b,
+                          (), {})
+        ref, ref_grads = _run(lambda *a, **k: f(a[0], k["weight"], k["bias"], grid, start, step), x, dy, w, b,
+                              (), {})
+        assert torch.equal(out, ref)
+        for g, r in zip(grads, ref_grads):
+            assert torch.equal(g, r)
+    assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
+    assert counters["stats"]["unique_graphs"] == 1, "recompiled: positions or sizes were specialized"
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("kernels", ["triton", "torch"])
+def test_tensor_positions_equal_floats(monkeypatch, kernels):
+    """Eager: fp32 tensor positions (rows of a (2, 3), or non-contiguous) give bit for bit what floats give, forward
+    and backward; the table of rope3d_ref from tensors equals the one from floats."""
+    monkeypatch.setenv("COGVIDEOX_KERNELS", kernels)
+    grid, start, step = POSITIONS[1]
+    S = 3 + grid[0] * grid[1] * grid[2]
+    x, dy = _x(2, S, 3, 64, torch.float32, "qkv"), torch.randn(2, S, 3, 64)
+    w, b = torch.randn(64), torch.randn(64)
+    expected, expected_grads = _run(rope3d, x, dy, w, b, (3, grid, start, step), {})
+    rows = torch.tensor([start, step]).unbind(0)
+    columns = torch.tensor([start, step]).t().unbind(1)                     # stride 2: copied by the launcher
+    for given in (rows, columns):
+        assert given[0].shape == (3,)
+        out, grads = _run(rope3d, x, dy, w, b, (3, grid, *given), {})
+        assert torch.equal(out, expected)
+        for g, e in zip(grads, expected_grads):
+            assert torch.equal(g, e)
+    for t, e in zip(rope3d_table(grid, *rows), rope3d_table(grid, start, step)):
+        assert torch.equal(t, e)
+
+
 BAD_INPUTS = {
     "x_not_tensor": (TypeError, lambda x, w: rope3d(x.tolist(), 2, (1, 2, 3))),
     "x_int_dtype": (TypeError, lambda x, w: rope3d(x.long(), 2, (1, 2, 3))),
@@ -264,6 +331,11 @@ BAD_INPUTS = {
     "bias_other_device": (ValueError, lambda x, w: rope3d(x, 2, (1, 2, 3), bias=w.to("meta"))),
     "start_two_axes": (ValueError, lambda x, w: rope3d(x, 2, (1, 2, 3), start=(0.0, 0.0))),
     "step_four_axes": (ValueError, lambda x, w: rope3d(x, 2, (1, 2, 3), step=(1.0,) * 4)),
+    "start_tensor_fp64": (TypeError, lambda x, w: rope3d(x, 2, (1, 2, 3), start=torch.zeros(3, dtype=torch.float64))),
+    "start_tensor_int": (TypeError, lambda x, w: rope3d(x, 2, (1, 2, 3), start=torch.zeros(3, dtype=torch.long))),
+    "step_tensor_four": (ValueError, lambda x, w: rope3d(x, 2, (1, 2, 3), step=torch.ones(4))),
+    "step_tensor_2d": (ValueError, lambda x, w: rope3d(x, 2, (1, 2, 3), step=torch.ones(1, 3))),
+    "start_tensor_other_device": (ValueError, lambda x, w: rope3d(x, 2, (1, 2, 3), start=w[:3].to("meta"))),
     "theta_zero": (ValueError, lambda x, w: rope3d(x, 2, (1, 2, 3), theta=0.0)),
 }
 
@@ -298,9 +370,9 @@ def test_offsets_beyond_2_31_elements(tmp_path):
         out = R.rope3d(x, 1, (1, 2, 2), weight=w, bias=b)
         assert torch.equal(out, R.rope3d_ref(vals, 1, (1, 2, 2), weight=w, bias=b)), "forward"
         dy = torch.randn(1, S, H, Dh).bfloat16()
-        dx, dw, db = torch.ops.cogvideox.rope3d_bwd(dy, x, 1, [1, 2, 2], [0.0] * 3, [1.0] * 3, 1e4, [16, 24, 24],
-                                                    w, b, 1e-6)
-        ref = R._rope3d_bwd_ref(dy, vals, 1, [1, 2, 2], [0.0] * 3, [1.0] * 3, 1e4, [16, 24, 24], w, b, 1e-6)
+        pos = torch.zeros(3), torch.ones(3)
+        dx, dw, db = torch.ops.cogvideox.rope3d_bwd(dy, x, 1, [1, 2, 2], *pos, 1e4, [16, 24, 24], w, b, 1e-6)
+        ref = R._rope3d_bwd_ref(dy, vals, 1, [1, 2, 2], *pos, 1e4, [16, 24, 24], w, b, 1e-6)
         assert (dx.float() - ref[0].float()).abs().max() < 0.1, "backward"
         print("ok")
     """)
@@ -322,13 +394,14 @@ AOT_SCRIPT = textwrap.dedent("""
         sig = {n: "constexpr" for n in kernel.arg_names}
         sig.update({n: "*" + dtype for n in ptrs})
         sig.update({n: "*fp32" for n in ("DW_PART", "DB_PART") if backward})
+        sig.update({"START": "*fp32", "STEP": "*fp32"})
         sig.update({n: "i32" for n in ("B", "S", "H", "sxb", "sxs", "sxh", "text_len", "Hg", "Wg")})
-        sig.update({n: "fp32" for n in ("start_t", "start_h", "start_w", "step_t", "step_h", "step_w",
-                                        "log2_theta", "eps")})
+        sig.update({n: "fp32" for n in ("log2_theta", "eps")})
         const = dict(HEAD_DIM=64, DT=16, DH=24, NORM=norm, HAS_W=norm, HAS_B=norm, RTNE_BF16=0,
                      BLOCK_S=cfg["BLOCK_S"], BLOCK_H=cfg["BLOCK_H"], BLOCK_D=cfg["BLOCK_D"])
         # what the JIT specializes at CogVideoX shapes: 16-byte aligned buffers, strides that are multiples of 16
-        divisible = tuple(n for n in sig if sig[n].startswith("*")) + ("sxb", "sxs", "sxh")
+        # (not STEP: the model passes the rows of one (2, 3) positions tensor, STEP 12 bytes in)
+        divisible = tuple(n for n in sig if sig[n].startswith("*") and n != "STEP") + ("sxb", "sxs", "sxh")
         info = compile_sm90(kernel, sig, const, num_warps=cfg["num_warps"], divisible_by_16=divisible)
         return {"n_regs": info.n_regs, "spills": info.spills, "local_depot": "__local_depot" in info.ptx,
                 "offset_mul_types": re.findall(r"%(?:x_off|out_off|row_off)\\w* = arith\\.muli [^:]*: (\\S+)", info.ttir)}

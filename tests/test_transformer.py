@@ -194,9 +194,13 @@ def test_bad_inputs():
 
 # ---- compile_blocks --------------------------------------------------------------------------------------------
 
-# 1.0 RoPE: the positions (floats) change with the aspect ratio; 1.5: integer positions, patch_size_t = 2.
+# 1.0 RoPE (5b style): the positions change with the aspect ratio, fractional off the native 8 x 12 (start, step
+# per (t, h, w): integers at 8 x 12; h step 4/3, w step 6/5 at 6 x 10; w start 2, steps 0.8, 7/12 at 10 x 8).
+# 1.5: integer positions, patch_size_t = 2.
+SHAPES_1_0 = [(1, 2, 4, 8, 12), (2, 3, 4, 6, 10), (1, 4, 4, 10, 8)]
 COMPILE_CASES = {
-    "references-1.0": (False, {}, [(1, 2, 4, 8, 12), (2, 3, 4, 6, 10), (1, 4, 4, 10, 8)]),
+    "references-1.0": (False, {}, SHAPES_1_0),
+    "kernel-ops-1.0": (True, {}, SHAPES_1_0),
     "kernel-ops-1.5": (True, {"patch_size_t": 2}, [(1, 4, 4, 8, 12), (2, 6, 4, 6, 10), (1, 4, 4, 10, 8)]),
 }
 
@@ -205,8 +209,10 @@ COMPILE_CASES = {
 def test_compile_blocks_graph_breaks_and_recompiles(case):
     """fullgraph (zero breaks), eager == compiled forward and backward, and <= 1 recompilation over three
     resolutions, frame counts and batch sizes. "kernel-ops" traces the public kernel ops (torch.library custom
-    ops) instead of the references. (The kernel ops take RoPE start/step as Python floats and specialize on
-    them, so 1.0 RoPE at another aspect ratio recompiles with kernels on; that is why that case uses 1.5.)"""
+    ops, opaque to Dynamo; on CPU they run their references inside) instead of the references. The RoPE
+    positions reach the blocks as fp32 tensors, so 1.0's fractional positions, new at each aspect ratio, cost no
+    recompilation on either path. (The one recompilation allowed is Dynamo specializing the size-1 dims of the
+    first shape.) The Triton kernels themselves under compile: test_rope3d.py."""
     from torch._dynamo.backends.debugging import aot_eager
     use_kernels, overrides, shapes = COMPILE_CASES[case]
     torch._dynamo.reset()
