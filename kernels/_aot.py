@@ -5,13 +5,14 @@ shapes, with no register spills, and that index arithmetic that can exceed 2^31 
 """
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import re
 import subprocess
 import sys
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import triton
 from triton.backends.compiler import GPUTarget
@@ -39,7 +40,8 @@ def compile_sm90(fn, signature: dict, constexprs: dict, num_warps: int = 4, num_
     aligned pointers, strides such as H*Dh): without them the AOT build cannot vectorize loads as the real one does.
 
     Under TRITON_INTERPRET=1 (as in the tests) @triton.jit yields interpreter objects that cannot be compiled, so
-    the build runs in a child process without the interpreter, importing `fn` by its module and name.
+    the build runs in a child process without the interpreter (one, reused by every call), which imports `fn` by
+    its module and name: call this directly from tests, interpreter or not.
     """
     if os.environ.get("TRITON_INTERPRET") == "1" or not hasattr(fn, "cache_key"):
         return _compile_in_child(fn, signature, constexprs, num_warps, num_stages, divisible_by_16)
@@ -59,20 +61,44 @@ def compile_sm90(fn, signature: dict, constexprs: dict, num_warps: int = 4, num_
     return CompiledInfo(int(m.group(1)), int(m.group(2)), int(m.group(3)), compiled.asm["ttir"], compiled.asm["ptx"])
 
 
+# The child: one per process that asks, started on the first compile and reused (each start imports torch and
+# triton, seconds on a loaded CI box), reading one JSON job a line and answering one JSON line. Replies go to a
+# private copy of stdout, because the compiler may print to stdout itself.
+_CHILD = """
+import importlib, json, os, sys, traceback
+from dataclasses import asdict
+from kernels._aot import compile_sm90
+replies = os.fdopen(os.dup(1), "w")
+os.dup2(2, 1)
+for line in sys.stdin:
+    mod, name, sig, cx, nw, ns, div = json.loads(line)
+    try:
+        reply = asdict(compile_sm90(getattr(importlib.import_module(mod), name), sig, cx, nw, ns, tuple(div)))
+    except Exception:
+        reply = {"error": traceback.format_exc()}
+    replies.write(json.dumps(reply) + "\\n")
+    replies.flush()
+"""
+_child = None
+
+
 def _compile_in_child(fn, signature, constexprs, num_warps, num_stages, divisible_by_16) -> CompiledInfo:
+    global _child
+    if _child is None or _child.poll() is not None:
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+        _child = subprocess.Popen([sys.executable, "-c", _CHILD], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                  stderr=subprocess.DEVNULL, text=True, env=env, cwd=root)
+        atexit.register(_child.stdin.close)   # the child ends at EOF
     py_fn = getattr(fn, "fn", fn)
-    args = json.dumps([py_fn.__module__, py_fn.__name__, signature, constexprs, num_warps, num_stages,
-                       list(divisible_by_16)])
-    code = ("import importlib, json, sys\n"
-            "from dataclasses import asdict\n"
-            "from kernels._aot import compile_sm90\n"
-            "mod, name, sig, cx, nw, ns, div = json.loads(sys.argv[1])\n"
-            "info = compile_sm90(getattr(importlib.import_module(mod), name), sig, cx, nw, ns, tuple(div))\n"
-            "print(json.dumps(asdict(info)))\n")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
-    done = subprocess.run([sys.executable, "-c", code, args], capture_output=True, text=True, env=env)
-    if done.returncode != 0:
-        raise RuntimeError(f"sm_90 compile of {py_fn.__name__} failed:\n{done.stderr[-4000:]}")
-    return CompiledInfo(**json.loads(done.stdout.strip().splitlines()[-1]))
+    job = [py_fn.__module__, py_fn.__name__, signature, constexprs, num_warps, num_stages, list(divisible_by_16)]
+    _child.stdin.write(json.dumps(job) + "\n")
+    _child.stdin.flush()
+    line = _child.stdout.readline()
+    if not line:
+        raise RuntimeError(f"sm_90 compile of {py_fn.__name__}: the compiler process died (exit {_child.wait()})")
+    reply = json.loads(line)
+    if "error" in reply:
+        raise RuntimeError(f"sm_90 compile of {py_fn.__name__} failed:\n{reply['error'][-4000:]}")
+    return CompiledInfo(**reply)

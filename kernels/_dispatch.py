@@ -9,6 +9,7 @@ Dispatch rule (one place, so every op behaves the same):
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import Iterable
 
@@ -53,6 +54,16 @@ def check_shape(name: str, t: torch.Tensor, expected: tuple) -> None:
         raise ValueError(f"{name} must have shape {tuple(expected)}, got {tuple(t.shape)}")
 
 
+def check_params(x: torch.Tensor, size: int, **params) -> None:
+    """Optional 1-D per-channel parameters (LayerNorm / GroupNorm weight and bias): each None or a (size,) float
+    tensor on x's device (any float dtype: fp32 parameters with half activations are allowed)."""
+    for name, p in params.items():
+        if p is not None:
+            check_tensor(name, p, ndim=1)
+            check_like(name, p, "x", x, dtype=False)
+            check_shape(name, p, (size,))
+
+
 def check_text_len(text_len, seq_len: int) -> int:
     if isinstance(text_len, bool) or not isinstance(text_len, int):
         raise TypeError(f"text_len must be an int, got {type(text_len).__name__}")
@@ -61,6 +72,30 @@ def check_text_len(text_len, seq_len: int) -> int:
     return text_len
 
 
-def last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
-    """Kernels take any strides but a unit stride on the last dimension; copy only when that is missing."""
-    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
+def last_dim_contiguous(t: torch.Tensor | None) -> torch.Tensor | None:
+    """Kernels take any strides but a unit stride on the last dimension; copy only when that is missing.
+    None (an absent optional input) passes through."""
+    if t is None or t.stride(-1) == 1 or t.shape[-1] == 1:
+        return t
+    return t.contiguous()
+
+
+INTERPRETER_SMS = 1  # the CPU interpreter: few programs, so small test shapes still give multi-row programs
+
+
+@functools.lru_cache(maxsize=None)
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (what persistent-style launchers size their grids by)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return INTERPRETER_SMS
+
+
+MAX_GRID = (2**31 - 1, 65535, 65535)  # CUDA's limits on grid x, y, z; the interpreter checks none of them
+
+
+def check_grid(grid: tuple) -> tuple:
+    """ValueError if a launch grid exceeds CUDA's limits (the launch would fail on the GPU, not in the tests)."""
+    if any(n > limit for n, limit in zip(grid, MAX_GRID)):
+        raise ValueError(f"tensor too large for one launch: grid {tuple(grid)} exceeds CUDA's {MAX_GRID}")
+    return grid

@@ -35,11 +35,11 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._dispatch import check_like, check_shape, check_tensor, use_triton
+from ._dispatch import check_grid, check_like, check_shape, check_tensor, last_dim_contiguous, use_triton
+from ._triton_common import cast_rtne
 
 MODES = ("first", "zeros", "replicate")
 _MODE_ID = {m: i for i, m in enumerate(MODES)}
-_MAX_GRID_X = 2**31 - 1
 
 
 def causal_pad3d_ref(x, kernel_t, cache=None, pad_hw=(0, 0), mode="first"):
@@ -87,15 +87,26 @@ def causal_pad3d_bwd_ref(dout, dnc, T, kernel_t, pad_h, pad_w, mode, has_cache):
 
 
 @triton.jit
-def _rounded(y, DTYPE: tl.constexpr):
-    """fp32 y -> DTYPE, round to nearest even. bf16 is rounded by hand first: the GPU's cvt rounds to nearest, but
-    the interpreter's fp32 -> bf16 cast truncates, and its "rtne" option is wrong, so without this the CPU tests
-    would check different numbers than the GPU computes (4 integer ops; the cast after it is exact)."""
-    if DTYPE == tl.bfloat16:
-        bits = y.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16 << 16
-        y = bits.to(tl.float32, bitcast=True)
-    return y.to(DTYPE)
+def _pad_tile(n_hb, Tp, Ho, Wo, PH, PW, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
+    """The tile of the padded output this program writes (grid: _grid) -> its frame plane = bc * Tp + tp with
+    bc = b * C + c (int64 scalars), output rows (BLOCK_H, 1) and columns (1, BLOCK_W), their in-bounds mask, and
+    the input rows / columns they sit on before clamping (int32: offsets inside one frame)."""
+    pid = tl.program_id(0).to(tl.int64)
+    plane = pid // n_hb
+    h_out = ((pid % n_hb) * BLOCK_H).to(tl.int32) + tl.arange(0, BLOCK_H)[:, None]
+    w_out = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)[None, :]
+    in_out = (h_out < Ho) & (w_out < Wo)
+    return plane, plane % Tp, plane // Tp, h_out, w_out, in_out, h_out - PH, w_out - PW
+
+
+@triton.jit
+def _store_padded(out_ptr, nc_ptr, val, plane, tp, bc, h_out, w_out, in_out, h_in, w_in, interior,
+                  H, W, KT, Tp, Ho, Wo):
+    """Store a tile of out; frames among the last KT of the temporally padded input go to new_cache as well."""
+    tl.store(out_ptr + plane * Ho * Wo + h_out * Wo + w_out, val, mask=in_out)
+    nc_frame = tp - (Tp - KT)
+    tl.store(nc_ptr + (bc * KT + nc_frame) * H * W + h_in * W + w_in, val,
+             mask=tl.where(nc_frame >= 0, interior, False))
 
 
 @triton.jit
@@ -106,18 +117,9 @@ def _causal_pad3d_fwd_kernel(x_ptr, cache_ptr, out_ptr, nc_ptr,
                              BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
     # frame offsets (scalars) are int64; offsets inside one frame fit int32 (the launcher checks), which keeps the
     # per-element index math narrow
-    pid = tl.program_id(0).to(tl.int64)
-    hb = pid % n_hb
-    plane = pid // n_hb                                   # (b * C + c) * Tp + tp
-    tp = plane % Tp
-    bc = plane // Tp
+    plane, tp, bc, h_out, w_out, in_out, h_in, w_in = _pad_tile(n_hb, Tp, Ho, Wo, PH, PW, BLOCK_H, BLOCK_W)
     b = bc // C
     c = bc % C
-    h_out = (hb * BLOCK_H).to(tl.int32) + tl.arange(0, BLOCK_H)[:, None]        # (BLOCK_H, 1)
-    w_out = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)[None, :]         # (1, BLOCK_W)
-    in_out = (h_out < Ho) & (w_out < Wo)
-    h_in = h_out - PH
-    w_in = w_out - PW
     interior = in_out & (h_in >= 0) & (h_in < H) & (w_in >= 0) & (w_in < W)
     if MODE == 2:   # replicate: every output element reads the clamped input position
         h_src = tl.minimum(tl.maximum(h_in, 0), H - 1)
@@ -142,10 +144,8 @@ def _causal_pad3d_fwd_kernel(x_ptr, cache_ptr, out_ptr, nc_ptr,
     if HAS_CACHE:
         val = tl.where(front, c_val, val)
     # a copy: values are moved in their own dtype, no arithmetic, so bf16 needs no fp32 detour
-    tl.store(out_ptr + plane * Ho * Wo + h_out * Wo + w_out, val, mask=in_out)
-    nc_frame = tp - (Tp - KT)
-    nc_ptrs = nc_ptr + (bc * KT + nc_frame) * H * W + h_in * W + w_in
-    tl.store(nc_ptrs, val, mask=tl.where(nc_frame >= 0, interior, False))
+    _store_padded(out_ptr, nc_ptr, val, plane, tp, bc, h_out, w_out, in_out, h_in, w_in, interior, H, W, KT, Tp,
+                  Ho, Wo)
 
 
 @triton.jit
@@ -186,11 +186,11 @@ def _causal_pad3d_bwd_kernel(dout_ptr, dnc_ptr, dx_ptr, dc_ptr,
                         other=0.0)
             acc += g.to(tl.float32)
     x_frame = tl.minimum(q, T - 1)
-    tl.store(dx_ptr + (bc * T + x_frame) * H * W + h * W + w, _rounded(acc, dx_ptr.dtype.element_ty),
+    tl.store(dx_ptr + (bc * T + x_frame) * H * W + h * W + w, cast_rtne(acc, dx_ptr.dtype.element_ty),
              mask=tl.where(is_x, mask, False))
     if HAS_CACHE:
         c_frame = tl.maximum(q - T, 0)
-        tl.store(dc_ptr + (bc * KT + c_frame) * H * W + h * W + w, _rounded(acc, dc_ptr.dtype.element_ty),
+        tl.store(dc_ptr + (bc * KT + c_frame) * H * W + h * W + w, cast_rtne(acc, dc_ptr.dtype.element_ty),
                  mask=tl.where(is_x, False, mask))
 
 
@@ -209,16 +209,24 @@ def _check_frame_span(name: str, t: torch.Tensor):
         raise ValueError(f"{name}: one frame spans >= 2^31 elements (shape {tuple(t.shape)}, strides {t.stride()})")
 
 
+def _frames(**tensors):
+    """5-D inputs as the kernels take them: a unit last stride (copied only where missing), frames that fit int32
+    offsets. None (an absent input) passes through."""
+    out = [last_dim_contiguous(t) for t in tensors.values()]
+    for name, t in zip(tensors, out):
+        if t is not None:
+            _check_frame_span(name, t)
+    return out
+
+
 def _grid(n_planes: int, rows: int, cols: int, block_h: int, block_w: int):
+    """One program per BLOCK_H x BLOCK_W tile: axis 0 walks (plane, row block), axis 1 the column blocks."""
     n_hb = triton.cdiv(rows, block_h)
-    grid = (n_planes * n_hb, triton.cdiv(cols, block_w))
-    if grid[0] > _MAX_GRID_X or grid[1] > 65535:
-        raise ValueError(f"tensor too large for one launch: grid {grid}")
-    return n_hb, grid
+    return n_hb, check_grid((n_planes * n_hb, triton.cdiv(cols, block_w)))
 
 
 def causal_pad3d_fwd(x, kernel_t, cache, pad_h, pad_w, mode):
-    x = x if x.stride(-1) == 1 else x.contiguous()
+    x, cache = _frames(x=x, cache=cache)
     B, C, T, H, W = x.shape
     kt = kernel_t - 1
     Tp, Ho, Wo = T + kt, H + 2 * pad_h, W + 2 * pad_w
@@ -227,11 +235,8 @@ def causal_pad3d_fwd(x, kernel_t, cache, pad_h, pad_w, mode):
     if out.numel() == 0:
         return out, new_cache
     has_cache = cache is not None
-    if has_cache:
-        cache = cache if cache.stride(-1) == 1 else cache.contiguous()
     c = cache if has_cache else x
-    for name, t in (("x", x), ("cache", c), ("out", out)):
-        _check_frame_span(name, t)
+    _check_frame_span("out", out)
     block_h, block_w, warps = _tile(Ho, Wo)
     n_hb, grid = _grid(B * C * Tp, Ho, Wo, block_h, block_w)
     _causal_pad3d_fwd_kernel[grid](

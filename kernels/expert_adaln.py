@@ -14,18 +14,20 @@ reference (and the unfused model) does. The backward kernel recomputes mean/rstd
 partials, summed on the host in a fixed order: deterministic, no atomics.
 
 Layout: one program owns a block of rows of one batch element and walks it in at most two segments (text rows,
-then vision rows), loading the segment's modulation vectors once; each row is one BLOCK_D-wide vector.
+then vision rows), loading the segment's modulation vectors once; each row is one BLOCK_D-wide vector. Grid
+(B, programs per sample): the batch on axis 0 (up to 2^31 - 1), the program count, which launch_config bounds by
+~16 x the SM count whatever S is, on axis 1 (CUDA allows 65535 there).
 """
 from __future__ import annotations
-
-import functools
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._dispatch import check_like, check_shape, check_tensor, check_text_len, last_dim_contiguous, use_triton
+from ._dispatch import (check_grid, check_like, check_params, check_shape, check_tensor, check_text_len,
+                        last_dim_contiguous, num_sms, use_triton)
+from ._triton_common import cast_rtne
 
 
 def expert_rows(p: torch.Tensor, text_len: int, seq_len: int) -> torch.Tensor:
@@ -81,8 +83,8 @@ def _expert_adaln_fwd_kernel(
     E: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)  # int64 before any stride multiply: B*S*D may exceed 2^31
+    pid = tl.program_id(1)
+    b = tl.program_id(0).to(tl.int64)  # int64 before any stride multiply: B*S*D may exceed 2^31
     eps = tl.cast(eps, tl.float32)  # inductor may pass an fp64 scalar
     cols = tl.arange(0, BLOCK_D)
     mask = cols < D
@@ -100,14 +102,14 @@ def _expert_adaln_fwd_kernel(
             o_off = (b * S + r64) * D + cols  # XN and OUT are new contiguous (B, S, D) tensors
             if HAS_RESIDUAL:
                 y = tl.load(Y + b * s_yb + r64 * s_ys + cols, mask=mask, other=0.0).to(tl.float32)
-                xn = (x + gate * y).to(XN.dtype.element_ty)
+                xn = cast_rtne(x + gate * y, XN.dtype.element_ty)
                 tl.store(XN + o_off, xn, mask=mask)
                 x = xn.to(tl.float32)  # normalize the rounded residual stream, as the unfused model does
             mean = tl.sum(x, axis=0) / D
             xc = tl.where(mask, x - mean, 0.0)
             rstd = tl.rsqrt(tl.sum(xc * xc, axis=0) / D + eps)
             out = (xc * rstd * w + bb) * scale1 + shift
-            tl.store(OUT + o_off, out.to(OUT.dtype.element_ty), mask=mask)
+            tl.store(OUT + o_off, cast_rtne(out, OUT.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -123,13 +125,13 @@ def _expert_adaln_bwd_kernel(
     PART: (planes, B * P, E, D) fp32 partial sums of this program's rows per expert; planes in order
     dshift, dscale, [dgate], [dweight], [dbias]. Every element is written (zeros for an empty segment).
     """
-    pid = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
+    pid = tl.program_id(1)
+    b = tl.program_id(0).to(tl.int64)
     eps = tl.cast(eps, tl.float32)  # inductor may pass an fp64 scalar
     cols = tl.arange(0, BLOCK_D)
     mask = cols < D
     plane = (tl.num_programs(0) * tl.num_programs(1)).to(tl.int64) * E * D
-    part = ((b * tl.num_programs(0) + pid) * E) * D + cols
+    part = ((b * tl.num_programs(1) + pid) * E) * D + cols
     PL_W: tl.constexpr = 2 + HAS_RESIDUAL
     PL_B: tl.constexpr = PL_W + HAS_WEIGHT
     w = tl.load(W + cols, mask=mask, other=1.0).to(tl.float32) if HAS_WEIGHT else 1.0
@@ -162,11 +164,11 @@ def _expert_adaln_bwd_kernel(
             dx = (dxhat - (xhat * c1 + c2)) * rstd
             if HAS_DXN:
                 dx += tl.load(DXN + g_off, mask=mask, other=0.0).to(tl.float32)
-            tl.store(DX + g_off, dx.to(DX.dtype.element_ty), mask=mask)
+            tl.store(DX + g_off, cast_rtne(dx, DX.dtype.element_ty), mask=mask)
             if HAS_RESIDUAL:
                 y = tl.load(Y + b * s_yb + r64 * s_ys + cols, mask=mask, other=0.0).to(tl.float32)
                 acc_gate += dx * y
-                tl.store(DY + g_off, (dx * gate).to(DY.dtype.element_ty), mask=mask)
+                tl.store(DY + g_off, cast_rtne(dx * gate, DY.dtype.element_ty), mask=mask)
         p_off = part + e * D
         tl.store(PART + p_off, acc_do, mask=mask)
         tl.store(PART + plane + p_off, acc_doxh * w + acc_do * bb, mask=mask)
@@ -176,16 +178,6 @@ def _expert_adaln_bwd_kernel(
             tl.store(PART + PL_W * plane + p_off, acc_doxh * scale1, mask=mask)
         if HAS_BIAS:
             tl.store(PART + PL_B * plane + p_off, acc_do * scale1, mask=mask)
-
-
-INTERPRETER_SMS = 1  # CPU interpreter: few programs, so small test shapes give programs that straddle text_len
-
-
-@functools.lru_cache(maxsize=None)
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return INTERPRETER_SMS
 
 
 def launch_config(B: int, S: int, D: int, n_sm: int) -> dict:
@@ -215,16 +207,12 @@ def _mod_strides(p):
 def expert_adaln_fwd(x, y, gate, shift, scale, text_len, weight, bias, eps):
     """Launch the forward kernel. y, gate None: expert_adaln -> (None, out); else -> (x_new, out)."""
     B, S, D = x.shape
-    x, shift, scale = last_dim_contiguous(x), last_dim_contiguous(shift), last_dim_contiguous(scale)
+    x, y, gate, shift, scale, w, bi = map(last_dim_contiguous, (x, y, gate, shift, scale, weight, bias))
     res = y is not None
-    if res:
-        y, gate = last_dim_contiguous(y), last_dim_contiguous(gate)
-    w = last_dim_contiguous(weight) if weight is not None else None
-    bi = last_dim_contiguous(bias) if bias is not None else None
-    cfg = launch_config(B, S, D, _num_sms(x.device))
+    cfg = launch_config(B, S, D, num_sms(x.device))
     out = _alloc((B, S, D), dtype=x.dtype, device=x.device)
     x_new = _alloc((B, S, D), dtype=x.dtype, device=x.device) if res else None
-    _expert_adaln_fwd_kernel[(cfg["fwd_progs"], B)](
+    _expert_adaln_fwd_kernel[check_grid((B, cfg["fwd_progs"]))](
         x, y, x_new, out, gate, shift, scale, w, bi,
         S, D, text_len, cfg["fwd_rows"], eps,
         x.stride(0), x.stride(1), *(_mod_strides(y)), *(_mod_strides(gate)), *(_mod_strides(shift)),
@@ -240,21 +228,17 @@ def expert_adaln_bwd(dout, dx_new, x, y, gate, scale, text_len, weight, bias, ep
     (None for the ones that do not exist)."""
     B, S, D = x.shape
     E = scale.shape[1]
-    x, scale = last_dim_contiguous(x), last_dim_contiguous(scale)
+    x, y, gate, scale, w, bi = map(last_dim_contiguous, (x, y, gate, scale, weight, bias))
     dout = dout.contiguous()  # incoming grads may be stride-0 expansions (.sum().backward())
     dx_new = dx_new.contiguous() if dx_new is not None else None
     res = y is not None
-    if res:
-        y, gate = last_dim_contiguous(y), last_dim_contiguous(gate)
-    w = last_dim_contiguous(weight) if weight is not None else None
-    bi = last_dim_contiguous(bias) if bias is not None else None
-    cfg = launch_config(B, S, D, _num_sms(x.device))
+    cfg = launch_config(B, S, D, num_sms(x.device))
     P = cfg["bwd_progs"]
     planes = 2 + int(res) + int(w is not None) + int(bi is not None)
     part = _alloc((planes, B, P, E, D), dtype=torch.float32, device=x.device)
     dx = _alloc((B, S, D), dtype=x.dtype, device=x.device)
     dy = _alloc((B, S, D), dtype=x.dtype, device=x.device) if res else None
-    _expert_adaln_bwd_kernel[(P, B)](
+    _expert_adaln_bwd_kernel[check_grid((B, P))](
         dout, dx_new, x, y, gate, scale, w, bi, dx, dy, part,
         S, D, text_len, cfg["bwd_rows"], eps,
         x.stride(0), x.stride(1), *(_mod_strides(y)), *(_mod_strides(gate)), *(_mod_strides(scale)),
@@ -394,11 +378,7 @@ def _check(x, mods, text_len, weight, bias):
             if E not in (1, 2):
                 raise ValueError(f"{name} must have shape (B, E, D) with E in (1, 2), got {tuple(p.shape)}")
         check_shape(name, p, (B, E, D))
-    for name, p in (("weight", weight), ("bias", bias)):
-        if p is not None:
-            check_tensor(name, p, ndim=1)
-            check_like(name, p, "x", x, dtype=False)
-            check_shape(name, p, (D,))
+    check_params(x, D, weight=weight, bias=bias)
 
 
 def expert_adaln(x, shift, scale, text_len, weight=None, bias=None, eps=1e-5):

@@ -40,12 +40,13 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._dispatch import check_like, check_shape, check_tensor, use_triton
+from ._dispatch import check_grid, check_like, check_params, check_shape, check_tensor, last_dim_contiguous, \
+    use_triton
+from ._triton_common import cast_rtne
 from .causal_pad3d import _check as _check_pad
-from .causal_pad3d import _check_frame_span, _grid, _rounded, _tile, causal_pad3d_bwd, causal_pad3d_bwd_ref, \
-    causal_pad3d_ref
+from .causal_pad3d import _check_frame_span, _frames, _grid, _pad_tile, _store_padded, _tile, causal_pad3d_bwd, \
+    causal_pad3d_bwd_ref, causal_pad3d_ref
 
-_MAX_GRID_X = 2**31 - 1
 COMBINE_BLOCK = 1024   # partials merged per step by _gn_combine_kernel (one program per (b, group))
 
 
@@ -99,13 +100,20 @@ def group_norm_silu_pad_bwd_ref(dout, dnc, x, weight, bias, zq_scale, zq_shift, 
 
 
 @triton.jit
+def _frame_chunk(n_chunks, C, T):
+    """The program of the frame-walking kernels -> pid, its chunk of frame bct = (b * C + c) * T + t, b, c, t
+    (int64 scalars)."""
+    pid = tl.program_id(0).to(tl.int64)
+    bct = pid // n_chunks
+    bc = bct // T
+    return pid, pid % n_chunks, bct, bc // C, bc % C, bct % T
+
+
+@triton.jit
 def _gn_stats_kernel(x_ptr, part_ptr, C, T, W, HW, n_chunks, sxb, sxc, sxt, sxh,
                      BLOCK: tl.constexpr, ITERS: tl.constexpr):
-    pid = tl.program_id(0).to(tl.int64)
-    chunk = pid % n_chunks
-    bct = pid // n_chunks                                  # (b * C + c) * T + t
-    bc = bct // T
-    x_frame = x_ptr + (bc // C) * sxb + (bc % C) * sxc + (bct % T) * sxt
+    pid, chunk, bct, b, c, t = _frame_chunk(n_chunks, C, T)
+    x_frame = x_ptr + b * sxb + c * sxc + t * sxt
     # Welford per lane (each lane sees ITERS values), then one Chan merge of the BLOCK lanes: no sum of squares is
     # ever formed, and the block-wide reductions run once per program instead of once per iteration
     n = tl.zeros([BLOCK], dtype=tl.float32)
@@ -157,18 +165,9 @@ def _gn_apply_kernel(x_ptr, cache_ptr, zs_ptr, zb_ptr, w_ptr, b_ptr, mean_ptr, r
                      sxb, sxc, sxt, sxh, scb, scc, sct, sch, ssb, ssc, sst, ssh, szb, szc, szt, szh,
                      HAS_CACHE: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_ZQ: tl.constexpr,
                      SILU: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
-    pid = tl.program_id(0).to(tl.int64)
-    hb = pid % n_hb
-    plane = pid // n_hb                                    # (b * C + c) * Tp + tp
-    tp = plane % Tp
-    bc = plane // Tp
+    plane, tp, bc, h_out, w_out, in_out, h_in, w_in = _pad_tile(n_hb, Tp, Ho, Wo, PH, PW, BLOCK_H, BLOCK_W)
     b = bc // C
     c = bc % C
-    h_out = (hb * BLOCK_H).to(tl.int32) + tl.arange(0, BLOCK_H)[:, None]       # (BLOCK_H, 1)
-    w_out = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)[None, :]        # (1, BLOCK_W)
-    in_out = (h_out < Ho) & (w_out < Wo)
-    h_in = h_out - PH
-    w_in = w_out - PW
     valid = in_out & (h_in >= 0) & (h_in < H) & (w_in >= 0) & (w_in < W)
     # scalar conditions enter masks through tl.where: the interpreter mistypes `block & scalar_bool` as an int mask
     front = tp < KT
@@ -191,14 +190,12 @@ def _gn_apply_kernel(x_ptr, cache_ptr, zs_ptr, zb_ptr, w_ptr, b_ptr, mean_ptr, r
         y = y * zs.to(tl.float32) + zb.to(tl.float32)
     if SILU:
         y = y / (1.0 + tl.exp(-y))
-    val = _rounded(tl.where(valid, y, 0.0), out_ptr.dtype.element_ty)          # the spatial border is zeros
+    val = cast_rtne(tl.where(valid, y, 0.0), out_ptr.dtype.element_ty)          # the spatial border is zeros
     if HAS_CACHE:
         c_ptrs = cache_ptr + b * scb + c * scc + tl.minimum(tp, KT - 1) * sct + h_in * sch + w_in
         val = tl.where(front, tl.load(c_ptrs, mask=tl.where(front, valid, False), other=0.0), val)
-    tl.store(out_ptr + plane * Ho * Wo + h_out * Wo + w_out, val, mask=in_out)
-    nc_frame = tp - (Tp - KT)
-    tl.store(nc_ptr + (bc * KT + nc_frame) * H * W + h_in * W + w_in, val,
-             mask=tl.where(nc_frame >= 0, valid, False))
+    _store_padded(out_ptr, nc_ptr, val, plane, tp, bc, h_out, w_out, in_out, h_in, w_in, valid, H, W, KT, Tp,
+                  Ho, Wo)
 
 
 @triton.jit
@@ -231,13 +228,8 @@ def _gn_bwd_kernel(dout_ptr, dnc_ptr, x_ptr, zs_ptr, zb_ptr, w_ptr, b_ptr, mean_
                    BLOCK: tl.constexpr, ITERS: tl.constexpr):
     """DX = 0: store dzq_scale, dzq_shift and this program's partial sums of da and da * xhat.
     DX = 1: store dx, given c1, c2 = the group means of dxhat and dxhat * xhat."""
-    pid = tl.program_id(0).to(tl.int64)
-    chunk = pid % n_chunks
-    bct = pid // n_chunks                                  # (b * C + c) * T + t
-    t = bct % T
+    pid, chunk, bct, b, c, t = _frame_chunk(n_chunks, C, T)
     bc = bct // T
-    b = bc // C
-    c = bc % C
     grp = b * G + c // (C // G)
     mean = tl.load(mean_ptr + grp)
     rstd = tl.load(rstd_ptr + grp)
@@ -266,11 +258,11 @@ def _gn_bwd_kernel(dout_ptr, dnc_ptr, x_ptr, zs_ptr, zb_ptr, w_ptr, b_ptr, mean_
         da = dm * zs if HAS_ZQ else dm
         if DX:
             dx = rstd * (da * w_c - tl.load(c1_ptr + grp) - xhat * tl.load(c2_ptr + grp))
-            tl.store(dx_ptr + bct * HW + idx, _rounded(dx, dx_ptr.dtype.element_ty), mask=mask)
+            tl.store(dx_ptr + bct * HW + idx, cast_rtne(dx, dx_ptr.dtype.element_ty), mask=mask)
         else:
             if HAS_ZQ:
-                tl.store(dzs_ptr + bct * HW + idx, _rounded(dm * a, dzs_ptr.dtype.element_ty), mask=mask)
-                tl.store(dzb_ptr + bct * HW + idx, _rounded(dm, dzb_ptr.dtype.element_ty), mask=mask)
+                tl.store(dzs_ptr + bct * HW + idx, cast_rtne(dm * a, dzs_ptr.dtype.element_ty), mask=mask)
+                tl.store(dzb_ptr + bct * HW + idx, cast_rtne(dm, dzb_ptr.dtype.element_ty), mask=mask)
             acc_da += tl.where(mask, da, 0.0)
             acc_dax += tl.where(mask, da * xhat, 0.0)
     if not DX:
@@ -290,19 +282,10 @@ def _strides4(t):
     return t.stride(0), t.stride(1), t.stride(2), t.stride(3)
 
 
-def _prepare(x, *others):
-    """Unit last stride for every 5-D input (copies only where it is missing); frames must fit int32 offsets."""
-    out = [None if t is None else (t if t.stride(-1) == 1 else t.contiguous()) for t in (x,) + others]
-    for t in out:
-        if t is not None:
-            _check_frame_span("input", t)
-    return out
-
-
 def group_norm_silu_pad_fwd(x, num_groups, weight, bias, eps, kernel_t, cache, pad_h, pad_w, zq_scale, zq_shift,
                             silu):
-    x, cache, zq_scale, zq_shift = _prepare(x, cache, zq_scale, zq_shift)
-    weight, bias = [None if p is None else p.contiguous() for p in (weight, bias)]   # (C,): indexed by channel
+    x, cache, zq_scale, zq_shift = _frames(x=x, cache=cache, zq_scale=zq_scale, zq_shift=zq_shift)
+    weight, bias = last_dim_contiguous(weight), last_dim_contiguous(bias)   # (C,): indexed by channel
     B, C, T, H, W = x.shape
     G, kt = num_groups, kernel_t - 1
     Tp, Ho, Wo = T + kt, H + 2 * pad_h, W + 2 * pad_w
@@ -313,9 +296,7 @@ def group_norm_silu_pad_fwd(x, num_groups, weight, bias, eps, kernel_t, cache, p
     if x.numel() == 0:
         return out, new_cache, mean, rstd
     block, iters, n_chunks, warps = _chunking(H * W)
-    n_prog = B * C * T * n_chunks
-    if n_prog > _MAX_GRID_X:
-        raise ValueError(f"tensor too large for one launch: {n_prog} programs")
+    n_prog = check_grid((B * C * T * n_chunks,))[0]
     parts = x.new_empty(n_prog, 3, dtype=torch.float32)
     _gn_stats_kernel[(n_prog,)](x, parts, C, T, W, H * W, n_chunks, *_strides4(x),
                                 BLOCK=block, ITERS=iters, num_warps=warps)
@@ -335,8 +316,9 @@ def group_norm_silu_pad_fwd(x, num_groups, weight, bias, eps, kernel_t, cache, p
 
 def group_norm_silu_pad_bwd(dout, dnc, x, weight, bias, zq_scale, zq_shift, mean, rstd, num_groups, kernel_t,
                             has_cache, pad_h, pad_w, silu):
-    x, zq_scale, zq_shift = _prepare(x, zq_scale, zq_shift)
-    weight, bias = [None if p is None else p.contiguous() for p in (weight, bias)]
+    x, zq_scale, zq_shift = _frames(x=x, zq_scale=zq_scale, zq_shift=zq_shift)
+    weight, bias = last_dim_contiguous(weight), last_dim_contiguous(bias)
+    mean, rstd = mean.contiguous(), rstd.contiguous()    # (B, G), indexed by group
     dout = dout.contiguous()
     dnc = None if dnc is None or dnc.numel() == 0 else dnc.contiguous()
     _check_frame_span("grad", dout)
@@ -351,9 +333,7 @@ def group_norm_silu_pad_bwd(dout, dnc, x, weight, bias, zq_scale, zq_shift, mean
     dcache = causal_pad3d_bwd(dout, dnc, T, kernel_t, pad_h, pad_w, "first", True, need_dx=False)[1] \
         if has_cache else empty(0)
     block, iters, n_chunks, warps = _chunking(H * W)
-    n_prog = B * C * T * n_chunks
-    if n_prog > _MAX_GRID_X:
-        raise ValueError(f"tensor too large for one launch: {n_prog} programs")
+    n_prog = check_grid((B * C * T * n_chunks,))[0]
     parts = x.new_empty(B, C, T * n_chunks, 2, dtype=torch.float32)
     zs = zq_scale if has_zq else x
     zb = zq_shift if has_zq else x
@@ -456,11 +436,7 @@ def group_norm_silu_pad(x, num_groups, weight=None, bias=None, eps=1e-6, kernel_
     C = x.shape[1]
     if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1 or C % num_groups:
         raise ValueError(f"num_groups must be a positive int dividing C={C}, got {num_groups!r}")
-    for name, p in (("weight", weight), ("bias", bias)):
-        if p is not None:
-            check_tensor(name, p, ndim=1)
-            check_like(name, p, "x", x, dtype=False)
-            check_shape(name, p, (C,))
+    check_params(x, C, weight=weight, bias=bias)
     if (zq_scale is None) != (zq_shift is None):
         raise ValueError("zq_scale and zq_shift must be given together")
     for name, p in (("zq_scale", zq_scale), ("zq_shift", zq_shift)):

@@ -28,7 +28,9 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._dispatch import check_like, check_shape, check_tensor, check_text_len, last_dim_contiguous, use_triton
+from ._dispatch import (check_grid, check_like, check_params, check_shape, check_tensor, check_text_len,
+                        last_dim_contiguous, use_triton)
+from ._triton_common import cast_rtne
 
 
 def default_axes_dim(head_dim: int) -> tuple[int, int, int]:
@@ -125,17 +127,6 @@ def _sincos(a):
 
 
 @triton.jit
-def _round_out(y, RTNE_BF16: tl.constexpr):
-    """fp32 -> the value the store will hold. The GPU's fp32 -> bf16 cast rounds to nearest even, the interpreter's
-    truncates: on CPU (RTNE_BF16 = 1) round here so that the bf16 parity tests see what the GPU writes."""
-    if RTNE_BF16:
-        bits = y.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        y = tl.where(y != y, y, bits.to(tl.float32, bitcast=True))       # NaN stays NaN
-    return y
-
-
-@triton.jit
 def _rope3d_cos_sin(s, text_len, Hg, Wg, START, STEP, log2_theta,
                     HEAD_DIM: tl.constexpr, DT: tl.constexpr, DH: tl.constexpr, BLOCK_D: tl.constexpr):
     """cos, sin (BLOCK_S, BLOCK_D/2) fp32 for tokens s; text tokens get cos 1, sin 0 (no rotation).
@@ -171,7 +162,7 @@ def _rope3d_cos_sin(s, text_len, Hg, Wg, START, STEP, log2_theta,
 @triton.jit
 def _rope3d_fwd_kernel(X, W, Bias, OUT, B, S, H, sxb, sxs, sxh, text_len, Hg, Wg, START, STEP, log2_theta, eps,
                        HEAD_DIM: tl.constexpr, DT: tl.constexpr, DH: tl.constexpr, NORM: tl.constexpr,
-                       HAS_W: tl.constexpr, HAS_B: tl.constexpr, RTNE_BF16: tl.constexpr,
+                       HAS_W: tl.constexpr, HAS_B: tl.constexpr,
                        BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
     HALF: tl.constexpr = BLOCK_D // 2
     eps = tl.cast(eps, tl.float32)
@@ -205,14 +196,14 @@ def _rope3d_fwd_kernel(X, W, Bias, OUT, B, S, H, sxb, sxs, sxh, text_len, Hg, Wg
             xe, xo = tl.split(tl.reshape(x, (BLOCK_S, BLOCK_H, HALF, 2)))         # pairs (2k, 2k+1)
             y = tl.reshape(tl.join(xe * cos - xo * sin, xo * cos + xe * sin), (BLOCK_S, BLOCK_H, BLOCK_D))
             out_off = ((tl.cast(b, tl.int64) * S + s64) * H + h) * HEAD_DIM + c[None, None, :]
-            tl.store(OUT + out_off, _round_out(y, RTNE_BF16).to(OUT.dtype.element_ty), mask=mask)
+            tl.store(OUT + out_off, cast_rtne(y, OUT.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _rope3d_bwd_kernel(DY, X, W, DX, DW_PART, DB_PART, B, S, H, sxb, sxs, sxh, text_len, Hg, Wg, START, STEP,
                        log2_theta, eps,
                        HEAD_DIM: tl.constexpr, DT: tl.constexpr, DH: tl.constexpr, NORM: tl.constexpr,
-                       HAS_W: tl.constexpr, HAS_B: tl.constexpr, RTNE_BF16: tl.constexpr,
+                       HAS_W: tl.constexpr, HAS_B: tl.constexpr,
                        BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
     HALF: tl.constexpr = BLOCK_D // 2
     eps = tl.cast(eps, tl.float32)
@@ -256,7 +247,7 @@ def _rope3d_bwd_kernel(DY, X, W, DX, DW_PART, DB_PART, B, S, H, sxb, sxs, sxh, t
                 c1 = tl.sum(xhat * dxhat, axis=2) / HEAD_DIM
                 c2 = tl.sum(dxhat, axis=2) / HEAD_DIM
                 dz = (dxhat - xhat * c1[:, :, None] - c2[:, :, None]) * rstd[:, :, None]
-            tl.store(DX + row_off, _round_out(dz, RTNE_BF16).to(DX.dtype.element_ty), mask=mask)
+            tl.store(DX + row_off, cast_rtne(dz, DX.dtype.element_ty), mask=mask)
     # one partial row per program, summed on the host in a fixed order (deterministic, no atomics)
     if HAS_W:
         tl.store(DW_PART + pid.to(tl.int64) * HEAD_DIM + c, tl.sum(dw_acc, axis=0), mask=c_ok)
@@ -285,8 +276,7 @@ def _launch_args(x, text_len, grid, start, step, theta, axes_dim, eps):
     # read with unit stride
     return ([B, S, H, x.stride(0), x.stride(1), x.stride(2), text_len, max(Hg, 1), max(Wg, 1),
              start.float().contiguous(), step.float().contiguous(), math.log2(theta), float(eps)],
-            {"HEAD_DIM": Dh, "DT": axes_dim[0], "DH": axes_dim[1],
-             "RTNE_BF16": int(x.device.type == "cpu" and x.dtype == torch.bfloat16)})
+            {"HEAD_DIM": Dh, "DT": axes_dim[0], "DH": axes_dim[1]})
 
 
 def rope3d_fwd(x, text_len, grid, start, step, theta, axes_dim, weight, bias, eps):
@@ -299,10 +289,10 @@ def rope3d_fwd(x, text_len, grid, start, step, theta, axes_dim, weight, bias, ep
         return out
     cfg = rope3d_config(H, Dh)
     args, meta = _launch_args(x, text_len, grid, start, step, theta, axes_dim, eps)
-    w = weight.contiguous() if weight is not None else x
-    bb = bias.contiguous() if bias is not None else x
+    w = last_dim_contiguous(weight) if weight is not None else x
+    bb = last_dim_contiguous(bias) if bias is not None else x
     norm = int(weight is not None or bias is not None)
-    _rope3d_fwd_kernel[(triton.cdiv(S, cfg["BLOCK_S"]),)](
+    _rope3d_fwd_kernel[check_grid((triton.cdiv(S, cfg["BLOCK_S"]),))](
         x, w, bb, out, *args, **meta, NORM=norm, HAS_W=int(weight is not None), HAS_B=int(bias is not None),
         BLOCK_S=cfg["BLOCK_S"], BLOCK_H=cfg["BLOCK_H"], BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"])
     return out
@@ -324,8 +314,8 @@ def rope3d_bwd(dy, x, text_len, grid, start, step, theta, axes_dim, weight, bias
     db_part = torch.empty((n_prog if bias is not None else 0, Dh), device=dy.device, dtype=torch.float32)
     if dy.numel() > 0:
         args, meta = _launch_args(x, text_len, grid, start, step, theta, axes_dim, eps)
-        w = weight.contiguous() if weight is not None else dy
-        _rope3d_bwd_kernel[(n_prog,)](
+        w = last_dim_contiguous(weight) if weight is not None else dy
+        _rope3d_bwd_kernel[check_grid((n_prog,))](
             dy, x, w, dx, dw_part, db_part, *args, **meta, NORM=int(norm), HAS_W=int(weight is not None),
             HAS_B=int(bias is not None), BLOCK_S=cfg["BLOCK_S"], BLOCK_H=cfg["BLOCK_H"], BLOCK_D=cfg["BLOCK_D"],
             num_warps=cfg["num_warps"])
@@ -425,11 +415,7 @@ def _check(x, text_len, grid, axes_dim, weight, bias):
         raise ValueError(f"axes_dim must be three positive even ints, got {axes_dim}")
     if sum(axes_dim) != Dh:
         raise ValueError(f"axes_dim {axes_dim} must sum to the head dim {Dh}")
-    for name, p in (("weight", weight), ("bias", bias)):
-        if p is not None:
-            check_tensor(name, p, ndim=1)
-            check_like(name, p, "x", x, dtype=False)
-            check_shape(name, p, (Dh,))
+    check_params(x, Dh, weight=weight, bias=bias)
     return axes_dim
 
 
