@@ -66,7 +66,9 @@ def section(doc: dict, name: str) -> list[str]:
              f"Ceilings: copy {doc['ceilings']['copy_gbps']:.0f} GB/s, matmul "
              f"{doc['ceilings']['matmul_tflops']:.3g} TFLOP/s."]
     if dev.get("type") != "cuda":
-        lines.append("CPU run at small shapes: GPU rows were not run.")
+        lines.append("CPU run at small shapes: GPU rows were not run. On a CPU 'ours' is the pure-torch reference "
+                     "(fp32 inside), not the Triton kernels, which run only on CUDA: these rows test the tool, "
+                     "not the kernels' speed.")
     throttled = [n for n, s in doc["telemetry"].get("suites", {}).items() if s.get("throttled")]
     if throttled:
         lines.append(f"**The GPU throttled during: {', '.join(throttled)}.**")
