@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from dataclasses import dataclass
 
 import torch
@@ -28,7 +27,7 @@ import torch.nn.functional as F
 from kernels import causal_pad3d, causal_pad3d_ref, group_norm_silu_pad, group_norm_silu_pad_ref
 
 from .config import VAEConfig
-from .weights import CheckpointError, check_state_dict, read_checkpoint
+from .weights import assign_state, check_state_dict, parse_config, read_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -467,15 +466,8 @@ def load_vae(path: str, dtype: torch.dtype | None = None, device=None, use_kerne
     Every missing, unexpected or mis-shaped key, or an unreadable file, is reported in one CheckpointError.
     """
     raw, state = read_checkpoint(path)
-    try:
-        config = VAEConfig.from_diffusers_config(raw)
-    except (ValueError, TypeError) as e:
-        raise CheckpointError(f"{os.path.join(path, 'config.json')}: {e}") from None
+    config = parse_config(path, raw, VAEConfig.from_diffusers_config)
     with torch.device("meta"):
         model = CogVideoXVAE(config, use_kernels)
     check_state_dict({k: v.shape for k, v in model.state_dict().items()}, state, path)
-    if dtype is None:
-        stored = {t.dtype for t in state.values()}
-        dtype = stored.pop() if len(stored) == 1 else torch.float32
-    model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in state.items()}, strict=True, assign=True)
-    return model.eval()
+    return assign_state(model, state, dtype, device)

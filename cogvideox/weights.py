@@ -70,6 +70,26 @@ def read_checkpoint(path: str) -> Tuple[dict, Dict[str, torch.Tensor]]:
     return read_config(path), read_state_dict(path)
 
 
+def parse_config(path: str, raw: dict, from_diffusers_config):
+    """config.json's dict -> our config dataclass; an unsupported config is a CheckpointError naming the file."""
+    try:
+        return from_diffusers_config(raw)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{os.path.join(path, 'config.json')}: {e}") from None
+
+
+def assign_state(model, state: Dict[str, torch.Tensor], dtype: torch.dtype | None, device):
+    """Load a checked state dict into a meta-device model, in eval mode.
+
+    dtype None keeps the checkpoint's dtype when all its tensors share one (the 5B checkpoints are bf16), else
+    float32."""
+    if dtype is None:
+        stored = {t.dtype for t in state.values()}
+        dtype = stored.pop() if len(stored) == 1 else torch.float32
+    model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in state.items()}, strict=True, assign=True)
+    return model.eval()
+
+
 def check_state_dict(expected: Dict[str, torch.Size], got: Dict[str, torch.Tensor], where: str) -> None:
     """Raise one CheckpointError listing every missing, unexpected and mis-shaped key."""
     missing = sorted(set(expected) - set(got))
@@ -139,18 +159,9 @@ def load_transformer(path: str, dtype: torch.dtype | None = None, device=None, u
     from .transformer import CogVideoXTransformer
 
     raw_config, state = read_checkpoint(path)
-    try:
-        config = TransformerConfig.from_diffusers_config(raw_config)
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{os.path.join(path, 'config.json')}: {e}") from None
+    config = parse_config(path, raw_config, TransformerConfig.from_diffusers_config)
     with torch.device("meta"):
         model = CogVideoXTransformer(config, use_kernels=use_kernels)
     model_shapes = {k: v.shape for k, v in model.state_dict().items()}
     check_state_dict(_diffusers_shapes(model_shapes, config), state, path)
-    if dtype is None:
-        stored = {t.dtype for t in state.values()}
-        dtype = stored.pop() if len(stored) == 1 else torch.float32
-    state = transformer_state_from_diffusers(state, model_shapes, config)
-    state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
-    model.load_state_dict(state, strict=True, assign=True)
-    return model.eval()
+    return assign_state(model, transformer_state_from_diffusers(state, model_shapes, config), dtype, device)
