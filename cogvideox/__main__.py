@@ -9,6 +9,7 @@ tokenizer/. Every argument is checked before any weight is loaded.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 
@@ -266,10 +267,32 @@ def save_outputs(out, a, cfg) -> list[str]:
     return written
 
 
+class _StderrHandler(logging.Handler):
+    """Writes to the current sys.stderr at each record (main() may run under redirected streams, as in tests)."""
+
+    def emit(self, record):
+        try:
+            sys.stderr.write(self.format(record) + "\n")
+        except Exception:
+            self.handleError(record)
+
+
+def _show_package_log() -> None:
+    """The package logs its run-time choices at INFO (the attention backend, once per device / dtype / head dim;
+    VAE memory warnings): without a handler Python drops INFO, so the command line sends ours to stderr."""
+    logger = logging.getLogger("cogvideox")
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+
+
 def main(argv=None) -> int:
     # Never touch the network: transformers / huggingface_hub honour these.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    _show_package_log()
     parser = build_parser()
     a = parser.parse_args(argv)
     if a.command == "generate":

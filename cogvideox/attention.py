@@ -12,8 +12,10 @@ chosen kernel (no graph break; tests/test_attention.py checks fullgraph=True).
 """
 from __future__ import annotations
 
+import functools
 import logging
 import operator
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -95,8 +97,34 @@ def _capability(device: torch.device) -> tuple[int, int]:
     return torch.cuda.get_device_capability(device)
 
 
+@functools.lru_cache(maxsize=None)
+def _torch_rejects(check: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> Optional[str]:
+    """Why torch's own SDPA sub-backend `check` (a torch.backends.cuda.can_use_* name) refuses this device / dtype /
+    head dim, or None. The static limits above cannot see the build (flash compiled in or not), the cuDNN version
+    or torch's per-release rules, and `sdpa_kernel(X)` with a refused X fails at the first call with "No available
+    kernel". Asked once per key on tiny tensors laid out as the transformer passes them to `_sdpa`: q, k
+    (B, S, H, Dh) seen as (B, H, S, Dh), v a slice of the fused QKV projection's output."""
+    can_use = getattr(torch.backends.cuda, check, None)
+    if can_use is None:   # a torch without this query: the static limits stand
+        return None
+    q, k = (torch.empty(1, 128, 2, head_dim, device=device, dtype=dtype).transpose(1, 2) for _ in range(2))
+    v = torch.empty(1, 128, 3, 2, head_dim, device=device, dtype=dtype)[:, :, 2].transpose(1, 2)
+    try:
+        params = torch.backends.cuda.SDPAParams(q, k, v, None, 0.0, False, False)   # torch >= 2.5 (enable_gqa)
+    except TypeError:
+        params = torch.backends.cuda.SDPAParams(q, k, v, None, 0.0, False)
+    with warnings.catch_warnings(record=True) as caught:   # debug=True: torch warns each reason it refuses
+        warnings.simplefilter("always")
+        ok = can_use(params, True)
+    if ok:
+        return None
+    why = "; ".join(str(w.message).strip() for w in caught)
+    return f"torch.backends.cuda.{check} refuses it" + (f": {why}" if why else "")
+
+
 def _needs(package_ok: bool = True, package: str = "", cuda: bool = True, dtypes=_HALF, max_head_dim: int = 256,
-           head_dim_multiple: int = 1, min_sm: tuple[int, int] = (0, 0), max_sm: tuple[int, int] = (99, 99)):
+           head_dim_multiple: int = 1, min_sm: tuple[int, int] = (0, 0), max_sm: tuple[int, int] = (99, 99),
+           torch_check: Optional[str] = None):
     def reason(device: torch.device, dtype: torch.dtype, head_dim: int) -> Optional[str]:
         if not package_ok:
             return f"package {package} is not installed"
@@ -111,6 +139,8 @@ def _needs(package_ok: bool = True, package: str = "", cuda: bool = True, dtypes
             if not min_sm <= sm <= max_sm:
                 lo, hi = "%d%d" % min_sm, "%d%d" % max_sm
                 return f"compute capability sm_{sm[0]}{sm[1]} outside sm_{lo}..sm_{hi}"
+        if torch_check is not None:
+            return _torch_rejects(torch_check, device, dtype, head_dim)
         return None
     return reason
 
@@ -121,11 +151,12 @@ BACKENDS: dict[str, Backend] = {b.name: b for b in [
     Backend("sdpa", _sdpa, _needs(cuda=False, dtypes=_FLOAT, max_head_dim=1 << 30)),
     Backend("sdpa-math", _sdpa_only(SDPBackend.MATH), _needs(cuda=False, dtypes=_FLOAT, max_head_dim=1 << 30)),
     Backend("sdpa-cudnn", _sdpa_only(SDPBackend.CUDNN_ATTENTION),
-            _needs(max_head_dim=128, head_dim_multiple=8, min_sm=(8, 0))),
+            _needs(max_head_dim=128, head_dim_multiple=8, min_sm=(8, 0), torch_check="can_use_cudnn_attention")),
     Backend("sdpa-flash", _sdpa_only(SDPBackend.FLASH_ATTENTION),
-            _needs(max_head_dim=256, head_dim_multiple=8, min_sm=(8, 0))),
+            _needs(max_head_dim=256, head_dim_multiple=8, min_sm=(8, 0), torch_check="can_use_flash_attention")),
     Backend("sdpa-efficient", _sdpa_only(SDPBackend.EFFICIENT_ATTENTION),
-            _needs(dtypes=_HALF + (torch.float32,), head_dim_multiple=8, min_sm=(5, 0))),
+            _needs(dtypes=_HALF + (torch.float32,), head_dim_multiple=8, min_sm=(5, 0),
+                   torch_check="can_use_efficient_attention")),
     Backend("flash-attn-2", _fa2, _needs(_fa2_func is not None, "flash-attn", min_sm=(8, 0))),
     Backend("flash-attn-3", _fa3, _needs(_fa3_func is not None, "flash-attn 3 (flash_attn_interface)",
                                          min_sm=(9, 0), max_sm=(9, 9))),

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from kernels import causal_pad3d, causal_pad3d_ref, group_norm_silu_pad, group_norm_silu_pad_ref
 
 from .config import VAEConfig
+from .scheduler import randn
 from .weights import assign_state, check_state_dict, parse_config, read_checkpoint
 
 log = logging.getLogger(__name__)
@@ -267,10 +268,9 @@ class DiagonalGaussian:
         return self.mean
 
     def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
-        """mean + std * noise; the noise is drawn like diffusers' randn_tensor (on the generator's device)."""
-        device = generator.device if generator is not None else self.mean.device
-        noise = torch.randn(self.mean.shape, generator=generator, device=device, dtype=self.mean.dtype)
-        return self.mean + self.std * noise.to(self.mean.device)
+        """mean + std * noise; the noise is drawn by diffusers' randn_tensor rule (scheduler.randn): a CPU generator
+        draws on the CPU and the noise is moved, a CUDA generator draws on the mean's CUDA device."""
+        return self.mean + self.std * randn(self.mean.shape, generator, self.mean.device, self.mean.dtype)
 
 
 @dataclass(frozen=True)

@@ -140,3 +140,28 @@ def test_compiles_with_inductor():
     torch._dynamo.reset()
     fn = torch.compile(A.attention, fullgraph=True)
     assert_parity(fn(q, k, v), _ref(q, k, v), name="inductor")
+
+
+def test_torch_refusal_of_an_sdpa_sub_backend_is_a_reason(monkeypatch):
+    """On CUDA the static limits cannot see torch's build or cuDNN version: torch's own can_use_* check is asked,
+    so that backend=None never picks a sub-backend whose sdpa_kernel would fail with "No available kernel"."""
+    # the real query: torch refuses its fused CUDA kernels for CPU tensors
+    assert "can_use_flash_attention refuses" in A._torch_rejects("can_use_flash_attention", torch.device("cpu"),
+                                                                 torch.bfloat16, 64)
+    asked = []
+
+    def fake_rejects(check, device, dtype, head_dim):
+        asked.append(check)
+        return "cuDNN too old" if check == "can_use_cudnn_attention" else None
+    monkeypatch.setattr(A, "_capability", lambda device: (9, 0))
+    monkeypatch.setattr(A, "_torch_rejects", fake_rejects)
+    monkeypatch.setattr(A, "_CHOSEN", {})
+    cuda = torch.device("cuda", 0)
+    reasons = A._reasons(cuda, torch.bfloat16, 64)
+    assert reasons["sdpa-cudnn"] == "cuDNN too old"
+    assert reasons["sdpa-flash"] is None and reasons["sdpa-efficient"] is None
+    assert {"can_use_cudnn_attention", "can_use_flash_attention", "can_use_efficient_attention"} <= set(asked)
+    expected = next(n for n in A.PREFERENCE if reasons[n] is None)
+    assert expected != "sdpa-cudnn" and A._resolve(None, cuda, torch.bfloat16, 64) == expected
+    with pytest.raises(A.AttentionBackendError, match="cuDNN too old"):
+        A._resolve("sdpa-cudnn", cuda, torch.bfloat16, 64)

@@ -306,6 +306,8 @@ def test_cli_random_init_tiny_writes_output(tmp_path):
     written = [ln.split(": ", 1)[1] for ln in r.stdout.splitlines() if ln.startswith("wrote: ")]
     assert written and all(os.path.isfile(p) for p in written), r.stdout
     assert str(tmp_path) in written[0]
+    # the attention backend choice is logged once (INFO, shown on stderr by the CLI)
+    assert r.stderr.count("cogvideox.attention: attention backend for cpu") == 1, r.stderr
 
 
 def test_cli_bad_flags_fail_clearly(tmp_path, capsys):

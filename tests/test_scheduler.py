@@ -107,3 +107,23 @@ def test_dynamic_cfg_matches_pipeline_formula():
     assert got == ref
     # the oscillating values quoted in the reference doc (section 5.4)
     assert [round(g, 2) for g in got[:8]] == [2.29, 2.54, 6.97, 6.42, 2.79, 4.27, 1.04, 4.17]
+
+
+def test_randn_device_rule_on_cuda(monkeypatch):
+    """diffusers' randn_tensor on CUDA (mocked): a CPU generator draws on the CPU and the noise is moved; a CUDA
+    generator for a CPU tensor is an error; a generator on the target's device type draws there."""
+    class Drawn:
+        def __init__(self, device):
+            self.device, self.moved = torch.device(device), None
+
+        def to(self, device):
+            self.moved = torch.device(device)
+            return self
+
+    monkeypatch.setattr(torch, "randn", lambda shape, generator=None, device=None, dtype=None: Drawn(device))
+    out = S.randn((2, 3), torch.Generator(), "cuda", torch.bfloat16)
+    assert out.device == torch.device("cpu") and out.moved == torch.device("cuda")
+    cuda_gen = type("G", (), {"device": torch.device("cuda", 0)})()
+    assert S.randn((2,), cuda_gen, "cuda:0", torch.float32).device == torch.device("cuda", 0)
+    with pytest.raises(ValueError, match="generator"):
+        S.randn((2,), cuda_gen, "cpu", torch.float32)

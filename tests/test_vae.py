@@ -294,3 +294,34 @@ def test_checkpoint_errors(ckpt, tmp_path):
 
     with pytest.raises(CheckpointError, match="no config.json"):
         load_vae(str(tmp_path / "nowhere"))
+
+
+def test_default_budget_is_free_cuda_memory(ours, monkeypatch):
+    """The CUDA branch of free_memory (never run on CPU CI), mocked: free device memory plus PyTorch's cached,
+    unused blocks is the default budget, and plan() splits the batch, then tiles, as that budget shrinks."""
+    GiB = 2 ** 30
+    state = {"free": 3 * GiB}
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (state["free"], 80 * GiB))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 5 * GiB)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 4 * GiB)
+    assert vae_mod.free_memory(torch.device("cuda", 0)) == 4 * GiB   # 3 free + (5 reserved - 4 allocated)
+    shape = (2, 16, 3, 64, 64)   # frames larger than the default tile
+    need = ours.activation_bytes("decode", shape, torch.bfloat16)
+    for free, expected in [(10 * need, (False, False)), (need * 3 // 4, (True, False)), (need // 4, (True, True))]:
+        state["free"] = free - GiB   # + 1 GiB of cached blocks
+        assert ours.plan("decode", shape, torch.bfloat16, "cuda:0") == expected, free / need
+
+
+def test_sample_draws_like_randn_tensor(monkeypatch):
+    """sample() = mean + std * noise, the noise drawn by scheduler.randn (diffusers' randn_tensor device rule) for
+    the mean's device and dtype with the caller's generator."""
+    mean, logvar = torch.randn(1, 2, 1, 2, 2), torch.randn(1, 2, 1, 2, 2)
+    post = vae_mod.DiagonalGaussian(mean, logvar)
+    noise = torch.randn(mean.shape, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(post.sample(torch.Generator().manual_seed(3)), mean + torch.exp(0.5 * logvar) * noise)
+    calls = []
+    monkeypatch.setattr(vae_mod, "randn", lambda shape, g, device, dtype: calls.append((g, device, dtype)) or
+                        torch.zeros(shape))
+    g = torch.Generator()
+    assert torch.equal(post.sample(g), mean)
+    assert calls == [(g, mean.device, mean.dtype)]
