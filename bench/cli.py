@@ -166,9 +166,19 @@ def run(planned, ctx: Context, argv: list[str], progress=None, threads: int | No
         torch.cuda.set_device(ctx.device)   # models, events and the allocator stats all use this device
     telemetry = Telemetry(ctx.device)
     progress(f"device {device_info(ctx.device)['name']} ({ctx.device}), size {ctx.size}, dtype {ctx.dtype_name}")
-    ctx.ceilings = measure_ceilings(ctx.device)
-    progress(f"ceilings: copy {ctx.ceilings.copy_gbps:.1f} GB/s, matmul {ctx.ceilings.matmul_tflops:.2f} TFLOP/s "
-             f"({ctx.ceilings.matmul_dtype})")
+    ceilings_error = None
+    try:
+        ctx.ceilings = measure_ceilings(ctx.device)
+    except Exception as e:  # e.g. OOM on a GPU another process fills: the rows still run, without % of ceiling
+        ceilings_error = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+    if ceilings_error is not None:
+        from .harness import release
+        release(ctx.device)
+        ctx.ceilings = None
+        progress(f"warning: the ceilings could not be measured ({ceilings_error}); no row gets a % of ceiling")
+    else:
+        progress(f"ceilings: copy {ctx.ceilings.copy_gbps:.1f} GB/s, matmul {ctx.ceilings.matmul_tflops:.2f} "
+                 f"TFLOP/s ({ctx.ceilings.matmul_dtype})")
     rows, suites = [], {}
     for p in planned:
         with telemetry.during(p.suite.name):
@@ -183,5 +193,6 @@ def run(planned, ctx: Context, argv: list[str], progress=None, threads: int | No
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "argv": list(argv), "size": ctx.size, "dtype": ctx.dtype_name, "cpu_note": cpu_note,
         "device": device_info(ctx.device), "environment": environment(telemetry.driver()),
-        "ceilings": ctx.ceilings.as_dict(), "telemetry": telemetry.as_dict(), "suites": suites, "rows": rows,
+        "ceilings": ctx.ceilings.as_dict() if ctx.ceilings else {"error": ceilings_error},
+        "telemetry": telemetry.as_dict(), "suites": suites, "rows": rows,
     }

@@ -57,11 +57,25 @@ def synchronize(device: torch.device) -> None:
 _L2_FLUSH: dict = {}
 
 
+def _flush_key(device: torch.device) -> torch.device:
+    # "cuda" and "cuda:0" are the same buffer: key by the resolved index.
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def _l2_flush_buffer(device: torch.device) -> torch.Tensor:
     # 256 MB, as do_bench: larger than any current GPU's L2 (H100 50 MB), so every repetition starts cold.
-    if device not in _L2_FLUSH:
-        _L2_FLUSH[device] = torch.empty(256 * 1024 * 1024 // 4, dtype=torch.int32, device=device)
-    return _L2_FLUSH[device]
+    key = _flush_key(device)
+    if key not in _L2_FLUSH:
+        _L2_FLUSH[key] = torch.empty(256 * 1024 * 1024 // 4, dtype=torch.int32, device=device)
+    return _L2_FLUSH[key]
+
+
+def _l2_flush_bytes(device: torch.device) -> int:
+    """Bytes of the L2 flush buffer alive on device (0 before the first CUDA timing): not part of any row."""
+    buf = _L2_FLUSH.get(_flush_key(device)) if device.type == "cuda" else None
+    return 0 if buf is None else buf.numel() * buf.element_size()
 
 
 def measure(fn: Callable[[], object], device: torch.device, budget_s: float = 1.0, min_reps: int = 3,
@@ -133,17 +147,20 @@ class PeakMemory:
     """with PeakMemory(device) as p: ...; then p.bytes, p.kind.
 
     CUDA: torch.cuda.max_memory_allocated over the block (inputs and weights included, as the paper's memory
-    column). CPU: how far the process's resident set rose above its level at the start of the block (Linux VmHWM
+    column; the harness's own 256 MB L2 flush buffer, alive from the first timed CUDA row on, excluded).
+    CPU: how far the process's resident set rose above its level at the start of the block (Linux VmHWM
     after a reset, minus VmRSS; inputs made before the block are not counted), None where /proc cannot be used."""
 
     def __init__(self, device: torch.device):
         self.device, self.bytes, self.kind, self._rss0 = device, None, "unavailable", None
+        self._exclude = 0
 
     def __enter__(self):
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
+            self._exclude = _l2_flush_bytes(self.device)
             self.kind = "cuda max_memory_allocated"
         elif _reset_rss_peak() and (rss := _proc_status_bytes("VmRSS")) is not None:
             self._rss0 = rss
@@ -155,7 +172,7 @@ class PeakMemory:
     def __exit__(self, *exc):
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-            self.bytes = int(torch.cuda.max_memory_allocated(self.device))
+            self.bytes = max(int(torch.cuda.max_memory_allocated(self.device)) - self._exclude, 0)
         elif self._rss0 is not None:
             peak = _proc_status_bytes("VmHWM")
             self.bytes = None if peak is None else max(peak - self._rss0, 0)
@@ -183,8 +200,14 @@ def free_device_memory(device: torch.device) -> int | None:
 
 
 def release(device: torch.device) -> None:
+    """Free what the last row left behind before the next one builds (an 80 GB card runs a 5B model per row):
+    collect reference cycles, wait for the device's queued work (the next row's build and timing start from an
+    idle device), then return the cached blocks. Dynamo's caches are not reset here: a compiled module
+    does not stay alive through them once deleted (checked with the eager and inductor backends), and the
+    attention suite reuses one dynamic-shape compile across resolutions on purpose."""
     gc.collect()
     if device.type == "cuda":
+        torch.cuda.synchronize(device)
         torch.cuda.empty_cache()
 
 

@@ -92,7 +92,9 @@ def render(doc: dict, plots: list[str], plot_note: str | None) -> str:
              f"- device: {dev.get('name')} ({dev.get('type')}), torch {env['torch']}, triton {env['triton']}, "
              f"CUDA {env['cuda']}, driver {env['driver']}, diffusers {env.get('diffusers')}",
              f"- commit {git.get('commit')}{' (uncommitted changes)' if git.get('dirty') else ''}"]
-    if c:
+    if c and "error" in c:
+        lines.append(f"- ceilings: not measured ({c['error']}); no % of ceiling in the tables")
+    elif c:
         lines.append(f"- ceilings measured at the start of this run: copy {c['copy_gbps']:.1f} GB/s "
                      f"({c['copy_bytes'] / 2**20:.0f} MiB, read + write), matmul {c['matmul_tflops']:.2f} TFLOP/s "
                      f"({c['matmul_n']}^3 {c['matmul_dtype']})")
@@ -124,7 +126,9 @@ def render(doc: dict, plots: list[str], plot_note: str | None) -> str:
             clk, pw, tc = t.get("sm_clock_mhz", {}), t.get("power_w", {}), t.get("temp_c", {})
             lines.append(f"- telemetry: SM clock {_fmt(clk.get('min'), '.0f')}-{_fmt(clk.get('max'), '.0f')} MHz, "
                          f"power max {_fmt(pw.get('max'), '.0f')} W, temperature max {_fmt(tc.get('max'), '.0f')} C"
-                         + (f", **throttled: {', '.join(t['throttle_reasons'])}**" if t.get("throttled") else ""))
+                         + (f", **throttled: {', '.join(t['throttle_reasons'])}**" if t.get("throttled") else "")
+                         + (f", clock-event (throttle) reasons unreadable in {t['throttle_unread']} of "
+                            f"{t['samples']} samples" if t.get("throttle_unread") else ""))
         rows = [r for r in doc["rows"] if r["suite"] == name]
         shapes = {r["case"]: r["shape"] for r in rows}
         kinds = sorted({r["peak_mem_kind"] for r in rows if r.get("peak_mem_kind")})

@@ -181,13 +181,18 @@ def format_row(row: dict) -> str:
 def run_variant(suite: str, case: Case, v: Variant, ctx: Context) -> dict:
     if v.skip:
         return _row(suite, case, v, ctx, "skipped", v.skip)
+    # release() runs after the except blocks, never inside one: inside, the exception's traceback still holds the
+    # frames (a half-built model, an OOM'd forward's activations), so nothing could be freed.
+    fn, failed = None, None
     try:
         fn = v.make()
     except (ImportError, SuiteSkipped) as e:
-        return _row(suite, case, v, ctx, "skipped", _skip_reason(e))
+        failed = _row(suite, case, v, ctx, "skipped", _skip_reason(e))
     except Exception as e:
+        failed = _row(suite, case, v, ctx, "error", _describe(e))
+    if failed is not None:
         release(ctx.device)
-        return _row(suite, case, v, ctx, "error", _describe(e))
+        return failed
     row = _row(suite, case, v, ctx, "ok")
     try:
         t, row["peak_mem_bytes"], row["peak_mem_kind"] = measure(
@@ -198,9 +203,8 @@ def run_variant(suite: str, case: Case, v: Variant, ctx: Context) -> dict:
             row["extra"].update(v.collect())
     except Exception as e:
         row = _row(suite, case, v, ctx, "error", _describe(e))
-    finally:
-        del fn
-        release(ctx.device)
+    del fn
+    release(ctx.device)
     return row
 
 
@@ -221,20 +225,26 @@ def run_case(suite: str, case: Case, ctx: Context, progress: Callable[[str], Non
         row = _row(suite, case, Variant(impl="*", pass_="*"), ctx, "skipped", case.skip)
         progress(format_row(row))
         return [row]
+    row = None
     try:
         variants = case.build()
     except Exception as e:
         skipped = isinstance(e, (ImportError, SuiteSkipped))
         row = _row(suite, case, Variant(impl="*", pass_="*"), ctx, "skipped" if skipped else "error",
                    _skip_reason(e) if skipped else _describe(e))
+    if row is not None:     # outside the except block, so that the traceback's frames can be freed
         progress(format_row(row))
         release(ctx.device)
         return [row]
     rows = []
-    for v in variants:
+    while variants:
+        # pop, not `for v in variants`: the loop variable would keep the last variant (and a model its make()
+        # closure shares, e.g. the attention suite's per-case model) alive through the release() below.
+        v = variants.pop(0)
         row = run_variant(suite, case, v, ctx)
         progress(format_row(row))
         rows.append(row)
+        del v
     del variants
     release(ctx.device)
     return rows

@@ -45,10 +45,13 @@ def summarize(samples: list[dict]) -> dict:
         if vals:
             out[key] = {"min": min(vals), "mean": sum(vals) / len(vals), "max": max(vals)}
     seen = set()
-    for s in samples:
-        seen.update(decode_reasons(s.get("throttle_mask") or 0))
+    masks = [s.get("throttle_mask") for s in samples]
+    for m in masks:
+        seen.update(decode_reasons(m or 0))
     out["throttle_reasons"] = sorted(seen)
     out["throttled"] = bool(seen - BENIGN)
+    # Samples whose reasons could not be read: "throttled": False then only covers the others (none: unknown).
+    out["throttle_unread"] = sum(m is None for m in masks)
     return out
 
 
@@ -61,6 +64,7 @@ class Telemetry:
         self.static: dict = {}
         self.reason: str | None = None
         self._handle = None
+        self._throttle_fn = None
         if getattr(device, "type", "cpu") != "cuda":
             self.reason = "no GPU: telemetry samples NVML, which only CUDA devices have"
         elif pynvml is None:
@@ -134,10 +138,24 @@ class Telemetry:
         return s
 
     def _throttle_mask(self) -> int:
-        # Renamed "clock event reasons" in newer NVML; the old name stays as an alias in older bindings.
-        fn = getattr(pynvml, "nvmlDeviceGetCurrentClocksEventReasons", None) or \
-            pynvml.nvmlDeviceGetCurrentClocksThrottleReasons
-        return int(fn(self._handle))
+        # Renamed "clock event reasons" in NVML 12.535; nvidia-ml-py 13 has both Python functions whatever the
+        # driver, and a pre-535 driver lacks the new C symbol (NVMLError_FunctionNotFound at call time, not at
+        # getattr). So try the new name, fall back to the old one once it fails, and remember which works.
+        names = ([self._throttle_fn] if getattr(self, "_throttle_fn", None) else
+                 ["nvmlDeviceGetCurrentClocksEventReasons", "nvmlDeviceGetCurrentClocksThrottleReasons"])
+        err = None
+        for name in names:
+            fn = getattr(pynvml, name, None)
+            if fn is None:
+                continue
+            try:
+                mask = int(fn(self._handle))
+            except Exception as e:  # pynvml.NVMLError_FunctionNotFound / _NotSupported
+                err = e
+                continue
+            self._throttle_fn = name
+            return mask
+        raise err if err is not None else RuntimeError("this pynvml has no clock-event-reasons query")
 
     def during(self, suite: str) -> "_Sampling":
         return _Sampling(self, suite)

@@ -48,4 +48,17 @@ def test_suite_variant(benchmark, suite, variant):
     benchmark.group = suite
     benchmark.extra_info.update(impl=variant.impl, pass_=variant.pass_, backend=variant.backend,
                                 flops=variant.flops, bytes=variant.bytes, device=str(_DEVICE))
-    benchmark.pedantic(fn, rounds=5, warmup_rounds=1, iterations=1)
+    benchmark.pedantic(_synchronized(fn), rounds=5, warmup_rounds=1, iterations=1)
+
+
+def _synchronized(fn):
+    """pytest-benchmark reads a host clock around each call; CUDA work is asynchronous, so without the sync it
+    would time the kernel launches, not the kernels."""
+    if _DEVICE.type != "cuda":
+        return fn
+
+    def call():
+        out = fn()
+        torch.cuda.synchronize(_DEVICE)
+        return out
+    return call

@@ -57,14 +57,19 @@ def model_table(rows: list[dict]) -> list[str]:
     return out
 
 
+def _ceilings(c: dict) -> str:
+    if "error" in c:   # the run went on without them (bench/cli.py)
+        return f"Ceilings could not be measured ({c['error']}), so no row has a % of ceiling."
+    return f"Ceilings: copy {c['copy_gbps']:.0f} GB/s, matmul {c['matmul_tflops']:.3g} TFLOP/s."
+
+
 def section(doc: dict, name: str) -> list[str]:
     dev, env, git = doc["device"], doc["environment"], doc["environment"].get("git", {})
     lines = [f"### {dev.get('name')} ({name})", "",
              f"{doc['created'][:10]}, {doc['size']} shapes, {doc.get('dtype', '?')}, torch {env['torch']}, "
              f"triton {env['triton']}, CUDA {env['cuda']}, driver {env['driver']}, commit "
              f"`{(git.get('commit') or '?')[:10]}`{' (dirty)' if git.get('dirty') else ''}. "
-             f"Ceilings: copy {doc['ceilings']['copy_gbps']:.0f} GB/s, matmul "
-             f"{doc['ceilings']['matmul_tflops']:.3g} TFLOP/s."]
+             + _ceilings(doc["ceilings"])]
     if dev.get("type") != "cuda":
         lines.append("CPU run at small shapes: GPU rows were not run. On a CPU 'ours' is the pure-torch reference "
                      "(fp32 inside), not the Triton kernels, which run only on CUDA: these rows test the tool, "

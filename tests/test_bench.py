@@ -359,6 +359,19 @@ def test_readme_results_script(tmp_path):
     assert r.returncode == 2 and readme.read_text() == "no markers\n" and "results:start" in r.stderr
 
 
+
+def test_readme_results_script_without_ceilings(tmp_path):
+    """A run whose ceilings failed (results.json "ceilings": {"error": ...}) still renders, and says so."""
+    doc = _doc()
+    doc["ceilings"] = {"error": "CUDA out of memory"}
+    for r in doc["rows"]:
+        r["pct_of_ceiling"] = None
+    results.dump(doc, str(tmp_path / "h100.json"))
+    script = os.path.join(ROOT, "scripts", "readme_results.py")
+    r = subprocess.run([sys.executable, script, "--results-dir", str(tmp_path)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "Ceilings could not be measured (CUDA out of memory)" in r.stdout and "expert_adaln 5b" in r.stdout
+
 # ---- a real CPU run of every suite at tiny shapes --------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -409,3 +422,277 @@ def test_compile_rows_run_when_asked(tmp_path):
     comp = [r for r in doc["rows"] if r["impl"] == "compile"]
     assert {r["pass"] for r in comp} == {"fwd", "bwd", "fwd+bwd"}
     assert all(r["status"] == "ok" for r in comp), [r["reason"] for r in comp]
+
+
+# ---- CUDA-only paths, exercised on a CPU with torch.cuda / pynvml replaced by fakes ------------------------------
+
+class _FakeEvent:
+    """torch.cuda.Event stand-in: record() logs itself and takes a host timestamp; elapsed_time in ms."""
+    log: list = []
+
+    def __init__(self, enable_timing=False):
+        assert enable_timing, "CUDA events need enable_timing=True to be timed"
+        self.t = None
+
+    def record(self, stream=None):
+        import time
+        self.t = time.perf_counter()
+        _FakeEvent.log.append("record")
+
+    def elapsed_time(self, end):
+        return (end.t - self.t) * 1e3
+
+
+def test_measure_cuda_path_flushes_outside_events_and_excludes_the_flush_buffer(monkeypatch):
+    import contextlib
+
+    from bench import harness
+    cuda0 = torch.device("cuda", 0)
+    log, peak = [], {"alloc": 0}
+    _FakeEvent.log = log
+
+    class Flush:                                     # the 256 MB buffer, here a logging stand-in of 4 KiB
+        def numel(self):
+            return 1024
+
+        def element_size(self):
+            return 4
+
+        def zero_(self):
+            log.append("flush")
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: log.append("sync"))
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: log.append("reset"))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: peak["alloc"])
+    monkeypatch.setattr(torch.cuda, "Event", _FakeEvent)
+    monkeypatch.setattr(torch.cuda, "device", lambda d: contextlib.nullcontext())
+    monkeypatch.setattr(harness, "_L2_FLUSH", {})
+
+    def fn():
+        log.append("fn")
+        peak["alloc"] = 5000 + harness._l2_flush_bytes(cuda0)   # the case's own 5000 B + the flush buffer
+
+    monkeypatch.setattr(harness, "_l2_flush_buffer", lambda d: harness._L2_FLUSH.setdefault(harness._flush_key(d),
+                                                                                              Flush()))
+    t, nbytes, kind = measure(fn, cuda0, budget_s=0.0, min_reps=3, max_reps=3, warmup=1)
+    assert kind == "cuda max_memory_allocated" and t.reps == 3 and nbytes == 5000
+    timed = log[log.index("flush"):]
+    # every repetition: flush, then the events around fn alone (the flush's time is outside them); one sync at the end
+    assert timed == ["flush", "record", "fn", "record"] * 3 + ["sync"]
+    # the measuring call: peak reset after a sync, fn between two syncs
+    assert log[:log.index("flush")] == ["fn", "sync", "reset", "sync", "fn", "sync", "sync"]
+    log.clear()
+    _, nbytes, _ = measure(fn, cuda0, budget_s=0.0, min_reps=1, max_reps=1, warmup=0)
+    assert nbytes == 5000            # the flush buffer, alive now before the block, is still not counted
+
+
+class _NVMLError(Exception):
+    pass
+
+
+class _FakeNVML:
+    """pynvml stand-in: a pre-535 driver (the clock-event-reasons symbol is missing), a GPU hitting HW slowdown."""
+    NVML_CLOCK_SM, NVML_CLOCK_MEM, NVML_TEMPERATURE_GPU = 1, 2, 0
+
+    def __init__(self):
+        self.bus_ids = []
+
+    def nvmlInit(self):
+        pass
+
+    def nvmlDeviceGetHandleByPciBusId(self, bus):
+        self.bus_ids.append(bus)
+        return "h"
+
+    def nvmlDeviceGetHandleByIndex(self, i):
+        return "h"
+
+    def nvmlDeviceGetName(self, h):
+        return b"NVIDIA H100 80GB HBM3"
+
+    def nvmlSystemGetDriverVersion(self):
+        return "530.30"
+
+    def nvmlDeviceGetMemoryInfo(self, h):
+        return type("M", (), {"total": 80 << 30, "used": 1 << 30})()
+
+    def nvmlDeviceGetMaxClockInfo(self, h, kind):
+        return 1980
+
+    def nvmlDeviceGetEnforcedPowerLimit(self, h):
+        return 700_000                      # mW
+
+    def nvmlSystemGetCudaDriverVersion(self):
+        return 12010
+
+    def nvmlDeviceGetClockInfo(self, h, kind):
+        return 1755
+
+    def nvmlDeviceGetPowerUsage(self, h):
+        return 650_000                      # mW
+
+    def nvmlDeviceGetTemperature(self, h, kind):
+        return 71
+
+    def nvmlDeviceGetCurrentClocksEventReasons(self, h):
+        raise _NVMLError("Function Not Found")
+
+    def nvmlDeviceGetCurrentClocksThrottleReasons(self, h):
+        return 0x1 | 0x8
+
+
+def test_telemetry_on_a_fake_gpu_samples_units_and_falls_back_for_throttle_reasons(monkeypatch):
+    import types
+
+    from bench import telemetry as tel
+    fake = _FakeNVML()
+    monkeypatch.setattr(tel, "pynvml", fake)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: types.SimpleNamespace(
+        pci_bus_id=0x19, pci_domain_id=0, pci_device_id=0))
+    t = Telemetry(torch.device("cuda", 0), interval_s=0.005)
+    assert t.available and t.reason is None and fake.bus_ids == ["00000000:19:00.0"]
+    assert t.static["power_limit_w"] == 700.0 and t.static["name"] == "NVIDIA H100 80GB HBM3"
+    assert t.driver() == "530.30"
+    import time
+    with t.during("model"):
+        time.sleep(0.05)
+    s = t.as_dict()["suites"]["model"]
+    assert s["samples"] >= 2 and s["power_w"]["max"] == 650.0 and s["sm_clock_mhz"]["min"] == 1755
+    assert s["throttled"] and s["throttle_reasons"] == ["gpu_idle", "hw_slowdown"] and s["throttle_unread"] == 0
+    # neither query works: the samples say the reasons are unknown instead of reporting "not throttled"
+    monkeypatch.setattr(fake, "nvmlDeviceGetCurrentClocksThrottleReasons", fake.nvmlDeviceGetCurrentClocksEventReasons)
+    t2 = Telemetry(torch.device("cuda", 0), interval_s=0.005)
+    summ = summarize([t2.sample(), t2.sample()])
+    assert summ["throttle_unread"] == 2 and not summ["throttled"]
+
+
+def test_failed_row_frees_its_model_before_release(monkeypatch):
+    """An OOM'd row must not keep its model alive into release() (empty_cache could free nothing), neither when
+    building fails nor when the timed call fails."""
+    import weakref
+
+    from bench import runner
+
+    class Model:
+        pass
+    refs, alive_at_release = [], []
+    monkeypatch.setattr(runner, "release", lambda device: alive_at_release.append([r() is not None for r in refs]))
+
+    def oom_in_call():
+        m = Model()
+        refs.append(weakref.ref(m))
+
+        def step():
+            big = m                  # noqa: F841 -- a frame of the traceback holds the model
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return step
+
+    def oom_in_build():
+        m = Model()
+        refs.append(weakref.ref(m))
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
+
+    case = Case("c", {}, None)
+    for make in (oom_in_call, oom_in_build):
+        row = runner.run_variant("s", case, Variant("x", make), _ctx())
+        assert row["status"] == "error" and row["reason"].startswith("out of memory")
+    assert alive_at_release == [[False], [False, False]]
+
+
+def test_diffusers_vae_falls_back_to_tiling_after_oom_with_the_failed_call_freed(monkeypatch):
+    import weakref
+
+    from diffusers import AutoencoderKLCogVideoX
+
+    from bench.suites import vae as vae_suite
+    pytest.importorskip("cogvideox.vae")
+    refs, freed_before_tiling = [], []
+    real_decode, real_tiling = AutoencoderKLCogVideoX._decode, AutoencoderKLCogVideoX.enable_tiling
+
+    def decode(self, z, return_dict=True):
+        if not self.use_tiling:
+            activations = torch.empty(16)       # what the failed untiled call had allocated
+            refs.append(weakref.ref(activations))
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 30.00 GiB")
+        return real_decode(self, z, return_dict)
+
+    def enable_tiling(self, *a, **k):
+        freed_before_tiling.append(all(r() is None for r in refs))
+        return real_tiling(self, *a, **k)
+    monkeypatch.setattr(AutoencoderKLCogVideoX, "_decode", decode)
+    monkeypatch.setattr(AutoencoderKLCogVideoX, "enable_tiling", enable_tiling)
+    ctx = _ctx()
+    case = vae_suite._case("decode 480x720 13 latents", ctx)
+    (theirs,) = [v for v in case.build() if v.impl == "diffusers"]
+    run = theirs.make()
+    first = run()
+    assert theirs.collect() == {"tiled": True} and freed_before_tiling == [True] and len(refs) == 1
+    second = run()                               # later calls go straight to the tiled path
+    assert len(refs) == 1 and first.shape == second.shape
+
+
+def test_release_synchronizes_before_emptying_the_cache(monkeypatch):
+    from bench import harness
+    calls = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append("sync"))
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: calls.append("empty_cache"))
+    harness.release(torch.device("cuda", 0))
+    assert calls == ["sync", "empty_cache"]
+    calls.clear()
+    harness.release(CPU)
+    assert calls == []
+
+
+def test_report_renders_a_gpu_run(cpu_run, tmp_path):
+    """The report's GPU-only parts (NVML telemetry, throttling, unreadable reasons) render from a GPU-shaped doc."""
+    _, doc = cpu_run
+    doc = copy.deepcopy(doc)
+    doc["device"] = {"type": "cuda", "index": 0, "name": "NVIDIA H100 80GB HBM3", "memory_bytes": 80 << 30,
+                     "capability": "sm_90", "multiprocessors": 132}
+    summ = summarize([{"sm_clock_mhz": 1500, "power_w": 690.0, "temp_c": 80, "throttle_mask": 0x4},
+                      {"sm_clock_mhz": 1980, "power_w": 400.0, "temp_c": 70, "throttle_mask": None}])
+    doc["telemetry"] = {"available": True, "reason": None, "interval_s": 0.1,
+                        "static": {"name": "NVIDIA H100 80GB HBM3", "driver": "580.65", "power_limit_w": 700.0,
+                                   "max_sm_clock_mhz": 1980},
+                        "suites": {name: summ for name in doc["suites"]}}
+    doc["cpu_note"] = None
+    results.validate(doc)
+    text = open(report.write(doc, str(tmp_path), plots=False)).read()
+    assert "telemetry (NVML): NVIDIA H100 80GB HBM3, driver 580.65, power limit 700 W" in text
+    assert "THROTTLING seen during" in text and "sw_power_cap" in text
+    assert "reasons unreadable in 1 of 2 samples" in text and "GPU rows were not run" not in text
+
+
+def test_run_case_frees_a_model_its_variants_share_before_release(monkeypatch):
+    import weakref
+
+    from bench import runner
+
+    class Model:
+        pass
+    refs, alive_at_release = [], []
+    monkeypatch.setattr(runner, "release", lambda device: alive_at_release.append(refs[0]() is not None))
+
+    def build():
+        holder = {"model": Model()}          # as the attention suite: one model per case, every variant uses it
+        refs.append(weakref.ref(holder["model"]))
+        return [Variant(f"v{i}", lambda: (lambda: holder["model"]), min_reps=1, max_reps=1, warmup=0)
+                for i in range(2)]
+    rows = runner.run_case("s", Case("c", {}, build), _ctx(), progress=lambda line: None)
+    assert [r["status"] for r in rows] == ["ok", "ok"]
+    # after each variant (the case still holds it), then gone by the case's own release
+    assert alive_at_release == [True, True, False]
+
+
+def test_a_failed_ceiling_measurement_does_not_abort_the_run(monkeypatch, tmp_path):
+    from bench import harness
+
+    def fail(device, budget_s=1.0):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
+    monkeypatch.setattr(harness, "measure_ceilings", fail)
+    assert main(["kernels", "--filter", "causal_pad3d", "--out", str(tmp_path), "--budget", "0.01",
+                 "--no-plots"]) == 0
+    doc = results.load(str(tmp_path / "results.json"))
+    assert "out of memory" in doc["ceilings"]["error"]
+    ok = [r for r in doc["rows"] if r["status"] == "ok"]
+    assert ok and all(r["pct_of_ceiling"] is None and r["gbps"] > 0 for r in ok)
+    assert "ceilings: not measured" in (tmp_path / "report.md").read_text()

@@ -11,7 +11,7 @@ import dataclasses
 import torch
 
 from .. import flops
-from ..runner import Case, Context, Suite, Variant
+from ..runner import Case, Context, Suite, Variant, _is_oom
 from . import _build
 
 # name -> (kind, input shape (B, C, T, H, W) full, small)
@@ -28,6 +28,16 @@ def _widest_bytes(kind: str, shape, cfg, item: int) -> int:
     f = cfg.spatial_compression
     full_hw = H * W * (f * f if kind == "decode" else 1)
     return B * cfg.block_out_channels[0] * min(9, 4 * T - 3 if kind == "decode" else T) * full_hw * item
+
+
+def _fall_back_to_tiling(vae, device: torch.device) -> None:
+    """After an untiled diffusers call ran out of memory: free what it left in the allocator's cache, then switch
+    the VAE to diffusers' own tiling (enable_tiling, its default tile sizes)."""
+    import gc
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    vae.enable_tiling()
 
 
 def _case(name: str, ctx: Context) -> Case:
@@ -72,12 +82,17 @@ def _case(name: str, ctx: Context) -> Case:
             def run():
                 if state["diffusers_tiled"]:
                     return call()
+                oom = False
                 try:
                     return call()
-                except torch.cuda.OutOfMemoryError:
-                    # What a diffusers user does when the untiled VAE does not fit: its own tiling.
-                    torch.cuda.empty_cache()
-                    vae.enable_tiling()
+                except RuntimeError as e:   # torch.cuda.OutOfMemoryError, or cuDNN / cuBLAS reporting the same
+                    if not _is_oom(e):
+                        raise
+                    oom = True
+                if oom:
+                    # What a diffusers user does when the untiled VAE does not fit: its own tiling. Retried after
+                    # the except block: inside it, the traceback still holds the failed call's activations.
+                    _fall_back_to_tiling(vae, ctx.device)
                     state["diffusers_tiled"] = True
                     return call()
             return run
