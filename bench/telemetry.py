@@ -55,6 +55,17 @@ def summarize(samples: list[dict]) -> dict:
     return out
 
 
+
+def _read_each(reads: dict) -> dict:
+    """{key: read()} for each NVML query; a query this GPU or driver does not support gives None, not an error."""
+    out = {}
+    for key, read in reads.items():
+        try:
+            out[key] = read()
+        except Exception:
+            out[key] = None
+    return out
+
 class Telemetry:
     """telemetry = Telemetry(device); with telemetry.during("suite"): ...; telemetry.as_dict()."""
 
@@ -112,12 +123,7 @@ class Telemetry:
             "power_limit_w": lambda: pynvml.nvmlDeviceGetEnforcedPowerLimit(h) / 1000.0,
             "cuda_driver_version": lambda: pynvml.nvmlSystemGetCudaDriverVersion(),
         }
-        for key, read in optional.items():
-            try:
-                info[key] = read()
-            except Exception:
-                info[key] = None
-        return info
+        return {**info, **_read_each(optional)}
 
     def sample(self) -> dict:
         h = self._handle
@@ -130,12 +136,7 @@ class Telemetry:
             "mem_used_bytes": lambda: int(pynvml.nvmlDeviceGetMemoryInfo(h).used),
             "throttle_mask": self._throttle_mask,
         }
-        for key, read in reads.items():
-            try:
-                s[key] = read()
-            except Exception:
-                s[key] = None
-        return s
+        return {**s, **_read_each(reads)}
 
     def _throttle_mask(self) -> int:
         # Renamed "clock event reasons" in NVML 12.535; nvidia-ml-py 13 has both Python functions whatever the

@@ -8,6 +8,25 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+
+def _from_diffusers(cls, cfg: dict, model: str, fixed: dict, ignored=frozenset(), problems=()):
+    """Shared by both configs: keys that are fields map one to one (JSON lists become tuples); keys this
+    implementation hard-codes (`fixed`) must hold their one supported value; `ignored` and private ("_...") keys
+    are skipped; any other key is an error, since it may change the math. Every problem is listed in one error."""
+    fields = {f.name for f in dataclasses.fields(cls)}
+    kwargs, problems = {}, list(problems)
+    for key, value in cfg.items():
+        if key in fields:
+            kwargs[key] = tuple(value) if isinstance(value, list) else value
+        elif key in fixed:
+            if value != fixed[key]:
+                problems.append(f"{key}={value!r} (only {fixed[key]!r} is supported)")
+        elif key not in ignored and not key.startswith("_"):
+            problems.append(f"unknown key {key}={value!r}")
+    if problems:
+        raise ValueError(f"unsupported {model} config: " + "; ".join(problems))
+    return cls(**kwargs)
+
 # ---- transformer -------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -75,19 +94,7 @@ class TransformerConfig:
     def from_diffusers_config(cls, cfg: dict) -> "TransformerConfig":
         """Map a diffusers CogVideoXTransformer3DModel config.json. Keys this model hard-codes must hold the
         values every CogVideoX checkpoint uses; any other unknown key is an error (it may change the math)."""
-        fields = {f.name for f in dataclasses.fields(cls)}
-        kwargs, problems = {}, []
-        for key, value in cfg.items():
-            if key in fields:
-                kwargs[key] = value
-            elif key in _DIFFUSERS_FIXED:
-                if value != _DIFFUSERS_FIXED[key]:
-                    problems.append(f"{key}={value!r} (only {_DIFFUSERS_FIXED[key]!r} is supported)")
-            elif not key.startswith("_"):
-                problems.append(f"unknown key {key}={value!r}")
-        if problems:
-            raise ValueError("unsupported CogVideoXTransformer3DModel config: " + "; ".join(problems))
-        return cls(**kwargs)
+        return _from_diffusers(cls, cfg, "CogVideoXTransformer3DModel", _DIFFUSERS_FIXED)
 
 
 # Keys of diffusers' config that this implementation hard-codes, with the one value it supports.
@@ -163,24 +170,14 @@ class VAEConfig:
     def from_diffusers_config(cls, cfg: dict) -> "VAEConfig":
         """Map a diffusers AutoencoderKLCogVideoX config.json. Keys this model hard-codes must hold the values every
         CogVideoX checkpoint uses; any other unknown key is an error (it may change the math)."""
-        fields = {f.name for f in dataclasses.fields(cls)}
-        kwargs, problems = {}, []
         blocks = len(cfg.get("block_out_channels", cls.block_out_channels))
-        for key, value in cfg.items():
-            if key in fields:
-                kwargs[key] = tuple(value) if isinstance(value, list) else value
-            elif key in ("down_block_types", "up_block_types"):
-                kind = "CogVideoXDownBlock3D" if key == "down_block_types" else "CogVideoXUpBlock3D"
-                if list(value) != [kind] * blocks:
-                    problems.append(f"{key}={value!r} (only {blocks} x {kind!r} is supported)")
-            elif key in _VAE_DIFFUSERS_FIXED:
-                if value != _VAE_DIFFUSERS_FIXED[key]:
-                    problems.append(f"{key}={value!r} (only {_VAE_DIFFUSERS_FIXED[key]!r} is supported)")
-            elif key not in _VAE_DIFFUSERS_IGNORED and not key.startswith("_"):
-                problems.append(f"unknown key {key}={value!r}")
-        if problems:
-            raise ValueError("unsupported AutoencoderKLCogVideoX config: " + "; ".join(problems))
-        return cls(**kwargs)
+        problems = []
+        for key, kind in (("down_block_types", "CogVideoXDownBlock3D"), ("up_block_types", "CogVideoXUpBlock3D")):
+            if key in cfg and list(cfg[key]) != [kind] * blocks:
+                problems.append(f"{key}={cfg[key]!r} (only {blocks} x {kind!r} is supported)")
+        return _from_diffusers(cls, cfg, "AutoencoderKLCogVideoX", _VAE_DIFFUSERS_FIXED,
+                               ignored=_VAE_DIFFUSERS_IGNORED | {"down_block_types", "up_block_types"},
+                               problems=problems)
 
 
 # Keys of diffusers' VAE config that this implementation hard-codes, with the one value it supports.
