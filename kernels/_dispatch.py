@@ -10,6 +10,8 @@ Dispatch rule (one place, so every op behaves the same):
 from __future__ import annotations
 
 import functools
+import math
+import numbers
 import os
 from typing import Iterable
 
@@ -70,6 +72,31 @@ def check_text_len(text_len, seq_len: int) -> int:
     if not 0 <= text_len <= seq_len:
         raise ValueError(f"text_len must lie in [0, S={seq_len}], got {text_len}")
     return text_len
+
+
+def check_positive_float(name: str, v) -> float:
+    """A finite real number > 0 (an int or a numpy scalar too, not a bool) -> float; TypeError / ValueError naming
+    `name`. Non-finite numbers are errors everywhere they are accepted: a NaN or inf eps or theta only yields NaN."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(v).__name__}")
+    v = float(v)
+    if not (math.isfinite(v) and v > 0):
+        raise ValueError(f"{name} must be a finite number > 0, got {v}")
+    return v
+
+
+def check_eps(eps) -> float:
+    """The normalization epsilon of every op: a finite float > 0 (eps <= 0 divides by zero on a constant row)."""
+    return check_positive_float("eps", eps)
+
+
+def check_offset(offset) -> int:
+    """A shard's global index of its first token (context parallelism): an int >= 0, not a bool."""
+    if isinstance(offset, bool) or not isinstance(offset, int):
+        raise TypeError(f"offset must be an int, got {type(offset).__name__}")
+    if offset < 0:
+        raise ValueError(f"offset must be >= 0, got {offset}")
+    return offset
 
 
 def last_dim_contiguous(t: torch.Tensor | None) -> torch.Tensor | None:

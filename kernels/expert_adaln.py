@@ -25,7 +25,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._dispatch import (check_grid, check_like, check_params, check_shape, check_tensor, check_text_len,
+from ._dispatch import (check_eps, check_grid, check_like, check_params, check_shape, check_tensor, check_text_len,
                         last_dim_contiguous, num_sms, use_triton)
 from ._triton_common import cast_rtne
 
@@ -384,7 +384,7 @@ def _check(x, mods, text_len, weight, bias):
 def expert_adaln(x, shift, scale, text_len, weight=None, bias=None, eps=1e-5):
     """x: (B, S, D); shift, scale: (B, E, D), E in (1, 2); weight, bias: (D,) or None -> out (B, S, D)."""
     _check(x, {"shift": shift, "scale": scale}, text_len, weight, bias)
-    return torch.ops.cogvideox.expert_adaln(x, shift, scale, text_len, weight, bias, float(eps))
+    return torch.ops.cogvideox.expert_adaln(x, shift, scale, text_len, weight, bias, check_eps(eps))
 
 
 def expert_adaln_residual(x, y, gate, shift, scale, text_len, weight=None, bias=None, eps=1e-5):
@@ -395,4 +395,5 @@ def expert_adaln_residual(x, y, gate, shift, scale, text_len, weight=None, bias=
     if y.shape != x.shape:
         raise ValueError(f"y must have the shape of x {tuple(x.shape)}, got {tuple(y.shape)}")
     _check(x, {"gate": gate, "shift": shift, "scale": scale}, text_len, weight, bias)
-    return torch.ops.cogvideox.expert_adaln_residual(x, y, gate, shift, scale, text_len, weight, bias, float(eps))
+    return torch.ops.cogvideox.expert_adaln_residual(x, y, gate, shift, scale, text_len, weight, bias,
+                                                     check_eps(eps))

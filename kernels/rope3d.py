@@ -28,7 +28,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._dispatch import (check_grid, check_like, check_params, check_shape, check_tensor, check_text_len,
+from ._dispatch import (check_eps, check_grid, check_like, check_params, check_shape, check_tensor, check_text_len,
                         last_dim_contiguous, use_triton)
 from ._triton_common import cast_rtne
 
@@ -445,4 +445,4 @@ def rope3d(x, text_len, grid, start=(0.0, 0.0, 0.0), step=(1.0, 1.0, 1.0), theta
     start, step = _check_positions(x, start, step)
     if not theta > 0:
         raise ValueError(f"theta must be positive, got {theta}")
-    return _rope3d_op(x, text_len, list(grid), start, step, float(theta), list(axes_dim), weight, bias, float(eps))
+    return _rope3d_op(x, text_len, list(grid), start, step, float(theta), list(axes_dim), weight, bias, check_eps(eps))

@@ -277,6 +277,12 @@ BAD = [  # (what changes, exception, message fragment)
     ({"text_len": True}, TypeError, "text_len must be an int"),
     ({"text_len": 6}, ValueError, "text_len must lie in [0, S=5]"),
     ({"text_len": -1}, ValueError, "text_len must lie in [0, S=5]"),
+    ({"eps": 0.0}, ValueError, "eps must be a finite number > 0, got 0.0"),
+    ({"eps": -1e-5}, ValueError, "eps must be a finite number > 0, got -1e-05"),
+    ({"eps": float("nan")}, ValueError, "eps must be a finite number > 0, got nan"),
+    ({"eps": float("inf")}, ValueError, "eps must be a finite number > 0, got inf"),
+    ({"eps": None}, TypeError, "eps must be a real number, got NoneType"),
+    ({"eps": "1e-5"}, TypeError, "eps must be a real number, got str"),
 ]
 
 

@@ -380,6 +380,22 @@ def test_bad_input(case):
         call(torch.randn(1, 8, 2, 32), torch.randn(32))
 
 
+@pytest.mark.parametrize("eps, error, msg", [
+    (0.0, ValueError, "eps must be a finite number > 0, got 0.0"),
+    (-1e-6, ValueError, "eps must be a finite number > 0, got -1e-06"),
+    (float("nan"), ValueError, "eps must be a finite number > 0, got nan"),
+    (float("inf"), ValueError, "eps must be a finite number > 0, got inf"),
+    (None, TypeError, "eps must be a real number, got NoneType"),
+    ("1e-6", TypeError, "eps must be a real number, got str"),
+])
+def test_bad_eps(eps, error, msg):
+    """The shared check (kernels._dispatch.check_eps): a bad eps used to reach the kernels and yield NaN."""
+    x, w = torch.randn(1, 8, 2, 32), torch.randn(32)
+    with pytest.raises(error) as info:
+        rope3d(x, 2, (1, 2, 3), weight=w, eps=eps)
+    assert msg in str(info.value)
+
+
 def test_empty_batch(triton_kernels):
     x = torch.randn(0, 2 + 6, 2, 32, requires_grad=True)
     out = rope3d(x, 2, (1, 2, 3))
