@@ -66,10 +66,14 @@ def check_params(x: torch.Tensor, size: int, **params) -> None:
             check_shape(name, p, (size,))
 
 
-def check_text_len(text_len, seq_len: int) -> int:
+def check_text_len(text_len, seq_len: int | None) -> int:
+    """An int in [0, seq_len]; seq_len None: any int >= 0 (a context-parallel shard may hold text tokens only, the
+    global text_len then exceeds its offset + S)."""
     if isinstance(text_len, bool) or not isinstance(text_len, int):
         raise TypeError(f"text_len must be an int, got {type(text_len).__name__}")
-    if not 0 <= text_len <= seq_len:
+    if seq_len is None and text_len < 0:
+        raise ValueError(f"text_len must be >= 0, got {text_len}")
+    if seq_len is not None and not 0 <= text_len <= seq_len:
         raise ValueError(f"text_len must lie in [0, S={seq_len}], got {text_len}")
     return text_len
 
