@@ -81,10 +81,10 @@ def check_text_len(text_len, seq_len: int | None) -> int:
 def check_positive_float(name: str, v) -> float:
     """A finite real number > 0 (an int or a numpy scalar too, not a bool) -> float; TypeError / ValueError naming
     `name`. Non-finite numbers are errors everywhere they are accepted: a NaN or inf eps or theta only yields NaN."""
-    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+    if isinstance(v, bool) or not isinstance(v, (numbers.Real, torch.SymFloat, torch.SymInt)):
         raise TypeError(f"{name} must be a real number, got {type(v).__name__}")
     v = float(v)
-    if not (math.isfinite(v) and v > 0):
+    if not 0 < v < math.inf:   # comparisons, not math.isfinite: under torch.compile v may be a SymFloat (a guard)
         raise ValueError(f"{name} must be a finite number > 0, got {v}")
     return v
 
@@ -92,6 +92,13 @@ def check_positive_float(name: str, v) -> float:
 def check_eps(eps) -> float:
     """The normalization epsilon of every op: a finite float > 0 (eps <= 0 divides by zero on a constant row)."""
     return check_positive_float("eps", eps)
+
+
+def local_text_len(text_len: int, seq_len: int, offset: int = 0) -> int:
+    """Text rows of the shard [offset, offset + seq_len) of a joint [text | vision] sequence with text_len text
+    tokens: the shard's rows [0, result) are text. sym_min / sym_max keep a symbolic seq_len symbolic under
+    torch.compile (on plain ints they are min / max)."""
+    return torch.sym_min(torch.sym_max(text_len - offset, 0), seq_len)
 
 
 def check_offset(offset) -> int:

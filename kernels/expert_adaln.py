@@ -29,14 +29,8 @@ import triton
 import triton.language as tl
 
 from ._dispatch import (check_eps, check_grid, check_like, check_offset, check_params, check_shape, check_tensor,
-                        check_text_len, last_dim_contiguous, num_sms, use_triton)
+                        check_text_len, last_dim_contiguous, local_text_len, num_sms, use_triton)
 from ._triton_common import cast_rtne
-
-
-def local_text_len(text_len: int, seq_len: int, offset: int = 0) -> int:
-    """Text rows of the shard [offset, offset + seq_len) of a joint sequence with text_len text tokens: its rows
-    [0, result) are text. sym_min / sym_max keep a symbolic seq_len symbolic under torch.compile."""
-    return torch.sym_min(torch.sym_max(text_len - offset, 0), seq_len)
 
 
 def expert_rows(p: torch.Tensor, text_len: int, seq_len: int, offset: int = 0) -> torch.Tensor:
