@@ -51,6 +51,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     run.add_argument("--fps", type=int, help="mp4 frame rate (default 8; 16 for 1.5 models)")
     run.add_argument("--no-progress", action="store_true")
+    run.add_argument("--save-latents", metavar="FILE",
+                     help="also write the final latents (B, F, C, h, w), as decoded, to FILE (safetensors, key "
+                          "'latents'), on one process and under torchrun alike")
+    par = g.add_argument_group("parallelism (under torchrun)")
+    par.add_argument("--parallel", metavar="SPEC",
+                     help="context parallelism, e.g. ulysses=2,ring=2,cfg=2,vae=4 (omitted keys are 1; ulysses x "
+                          "ring x cfg = the number of processes): torchrun --nproc-per-node N -m cogvideox generate "
+                          "--parallel ... ; rank 0 writes the output")
     g.set_defaults(subparser=g)   # errors are reported with the subcommand's usage
     return parser
 
@@ -84,6 +92,16 @@ def check_args(parser, a):
         _fail(parser, f"--guidance must be >= 0, got {a.guidance}")
     if a.fps is not None and a.fps <= 0:
         _fail(parser, f"--fps must be > 0, got {a.fps}")
+    if a.parallel is not None:
+        from .parallel import Parallel, ParallelError
+
+        try:
+            a.parallel = Parallel.parse(a.parallel)
+        except ParallelError as e:
+            _fail(parser, str(e))
+        if not os.environ.get("WORLD_SIZE") or not os.environ.get("RANK"):
+            _fail(parser, f"--parallel needs torchrun: torchrun --nproc-per-node {a.parallel.world_size} -m cogvideox "
+                          "generate --parallel ...")
     if a.device != "auto":
         try:
             dev = torch.device(a.device)
@@ -154,6 +172,19 @@ def generate_command(parser, a) -> int:
 
     cfg, factors = check_args(parser, a)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device)
+    pm = None
+    if a.parallel is not None:
+        from .parallel import ParallelError, check_same, init_parallel
+
+        try:
+            pm = init_parallel(a.parallel, device)
+            # every rank must sample the same video: compare what shapes the run, once, before any work
+            check_same(pm, "the generate arguments", {k: v for k, v in sorted(vars(a).items()) if k != "subparser"})
+        except ParallelError as e:
+            _fail(parser, str(e))
+        device = pm.device
+        if pm.rank != 0:
+            a.no_progress = True
     dtype_name = a.dtype if a.dtype != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     dtype = getattr(torch, DTYPES[dtype_name])
     pos = neg = None
@@ -228,7 +259,15 @@ def generate_command(parser, a) -> int:
     out = P.generate(transformer, pos, neg, num_frames=a.frames, height=a.height, width=a.width, steps=a.steps,
                      guidance_scale=a.guidance, use_dynamic_cfg=a.dynamic_cfg, sampler=a.sampler,
                      snr_shift_scale=snr, generator=generator, vae=vae, factors=factors, image=image,
-                     progress=not a.no_progress)
+                     progress=not a.no_progress, parallel=pm)
+    if pm is not None and pm.rank != 0:
+        return 0   # rank 0 writes the files
+    if a.save_latents is not None:
+        from safetensors.torch import save_file
+
+        os.makedirs(os.path.dirname(os.path.abspath(a.save_latents)), exist_ok=True)
+        save_file({"latents": out.latents[:, out.dropped_frames:].float().contiguous().cpu()}, a.save_latents)
+        print(f"wrote: {a.save_latents}")
     written = save_outputs(out, a, cfg)
     for p in written:
         print(f"wrote: {p}")
@@ -296,7 +335,13 @@ def main(argv=None) -> int:
     parser = build_parser()
     a = parser.parse_args(argv)
     if a.command == "generate":
-        return generate_command(a.subparser, a)
+        try:
+            return generate_command(a.subparser, a)
+        finally:   # under torchrun: leave the process group cleanly, on every exit path
+            import torch.distributed as dist
+
+            if dist.is_available() and dist.is_initialized():
+                dist.destroy_process_group()
     return 1
 
 
