@@ -90,9 +90,12 @@ def test_matches_diffusers_fp32(family):
     ref, ours = patched_pair(family.replace("-off-grid", ""), seed=len(family))
     x = inputs(ref, SHAPES[family], seed=2)
     out_r, grads_r = run(ref, x)
-    out_o, grads_o = run(ours, x)
+    with OpCounter() as ops:
+        out_o, grads_o = run(ours, x)
     assert_parity(out_o, out_r, rtol=1e-5, atol=0)
     assert_grads(grads_o, grads_r)
+    # RoPE fused (the config's positions reproduced diffusers' tables), off the training grid too.
+    assert ops.counts.get("cogvideox::rope3d", 0) == 2 * ref.config.num_layers * (x["image_rotary_emb"] is not None)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -171,3 +174,143 @@ def test_positions_reach_the_blocks_as_rope3d_positions():
         assert isinstance(rotary, RopePositions) and rotary.grid == (2, 4, 6)
         assert all(a is b for a, b in zip(rotary, x["image_rotary_emb"]))     # still diffusers' (cos, sin)
         assert rotary.start.tolist() == [0, 0, 0] and rotary.step.tolist() == [1, 1, 1]
+
+
+def test_remove_restores_the_model_exactly():
+    model = tiny_diffusers_transformer("5b-i2v", seed=4)
+    x = inputs(model, SHAPES["5b-i2v"], seed=6)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    processors = {name: p for name, p in model.attn_processors.items()}
+    block_dicts = [set(b.__dict__) for b in model.modules()]
+    with torch.no_grad():
+        before = model(**x, return_dict=False)[0]
+    assert apply_to_diffusers(model) is model
+    assert list(model.state_dict()) == list(state)                       # keys and order unchanged
+    assert all(isinstance(p, FusedCogVideoXAttnProcessor) for p in model.attn_processors.values())
+    assert remove_from_diffusers(model) is model
+    assert all(p is processors[name] for name, p in model.attn_processors.items())
+    assert [set(b.__dict__) for b in model.modules()] == block_dicts     # no instance forward, no state attribute
+    assert not model._forward_pre_hooks
+    sd = model.state_dict()
+    assert list(sd) == list(state) and all(torch.equal(sd[k], v) for k, v in state.items())
+    with torch.no_grad():
+        after = model(**x, return_dict=False)[0]
+    assert torch.equal(after, before)
+    apply_to_diffusers(model)                                            # patchable again after the undo
+    remove_from_diffusers(model)
+
+
+@pytest.mark.parametrize("order", ["lora-then-patch", "patch-then-lora"])
+def test_lora_adapters(order):
+    """peft LoRA on the attention and FF Linears (diffusers' add_adapter) under the fused ops: the same output and
+    LoRA gradients as unpatched, base weights frozen, state_dict (adapter keys included) unchanged."""
+    peft = pytest.importorskip("peft", reason="peft is not installed (the LoRA path needs it)")
+    lora = peft.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, target_modules=LORA_TARGETS)
+    ref = tiny_diffusers_transformer("5b", seed=5)
+    ours = copy.deepcopy(ref)
+    torch.manual_seed(0)
+    ref.add_adapter(lora)
+    if order == "lora-then-patch":
+        torch.manual_seed(0)
+        ours.add_adapter(lora)
+        apply_to_diffusers(ours)
+    else:
+        apply_to_diffusers(ours)
+        torch.manual_seed(0)
+        ours.add_adapter(lora)
+    assert list(ours.state_dict()) == list(ref.state_dict())
+    trainable = [k for k, p in ours.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in k for k in trainable)
+    for t in LORA_TARGETS:
+        assert any(f"{t}.lora_A" in k for k in trainable), t
+    x = inputs(ref, SHAPES["5b"], seed=7)
+    out_r, grads_r = run(ref, x)
+    out_o, grads_o = run(ours, x)
+    assert_parity(out_o, out_r, rtol=1e-5, atol=0)
+    assert_grads(grads_o, grads_r)
+    # attention_kwargs={"scale": s} scales the adapters (diffusers' apply_lora_scale), patched or not.
+    with torch.no_grad():
+        half = [m(**x, attention_kwargs={"scale": 0.5}, return_dict=False)[0] for m in (ref, ours)]
+    assert_parity(half[1], half[0], rtol=1e-5, atol=0)
+    assert (half[1] - out_o).abs().max() > 1e-3
+
+
+def test_lora_on_triton_kernels(triton_kernels):
+    peft = pytest.importorskip("peft", reason="peft is not installed (the LoRA path needs it)")
+    ref = tiny_diffusers_transformer("1.5-i2v", seed=6, **SMALL)
+    ref.add_adapter(peft.LoraConfig(r=2, init_lora_weights=False, target_modules=LORA_TARGETS))
+    ours = apply_to_diffusers(copy.deepcopy(ref))
+    x = inputs(ref, SMALL_SHAPES["1.5-i2v"], seed=8)
+    out_r, grads_r = run(ref, x)
+    out_o, grads_o = run(ours, x)
+    assert_parity(out_o, out_r, rtol=1e-5, atol=0)
+    assert_grads(grads_o, grads_r)
+
+
+@pytest.mark.parametrize("family", ["2b", "1.5"])
+def test_gradient_checkpointing(family):
+    """diffusers' enable_gradient_checkpointing(): the blocks re-run our forward in backward; same gradients."""
+    ref, ours = patched_pair(family, seed=7)
+    for m in (ref, ours):
+        m.enable_gradient_checkpointing()
+        m.train()                                     # diffusers checkpoints only while grad is enabled
+    x = inputs(ref, SHAPES[family], seed=9)
+    out_r, grads_r = run(ref, x)
+    with OpCounter() as ops:
+        out_o, grads_o = run(ours, x)
+    assert_parity(out_o, out_r, rtol=1e-5, atol=0)
+    assert_grads(grads_o, grads_r)
+    # Forward once, and again inside backward for each checkpointed block.
+    assert ops.counts["cogvideox::expert_adaln_residual"] == 2 * ref.config.num_layers
+
+
+def test_processor_alone_in_an_unpatched_block():
+    """FusedCogVideoXAttnProcessor keeps diffusers' processor contract ((vision, text) in and out, raw tables)."""
+    ref = tiny_diffusers_transformer("5b", seed=8)
+    ours = copy.deepcopy(ref)
+    ours.set_attn_processor(FusedCogVideoXAttnProcessor())
+    x = inputs(ref, SHAPES["5b"], seed=10)
+    out_r, grads_r = run(ref, x)
+    out_o, grads_o = run(ours, x)
+    assert_parity(out_o, out_r, rtol=1e-5, atol=0)
+    assert_grads(grads_o, grads_r)
+
+
+def test_attention_backend_is_the_seam():
+    ref, _ = patched_pair("5b")
+    x = inputs(ref, SHAPES["5b"], seed=11)
+    with torch.no_grad():
+        expected = ref(**x, return_dict=False)[0]
+        out = apply_to_diffusers(ref, attention_backend="sdpa-math")(**x, return_dict=False)[0]
+    assert_parity(out, expected, rtol=1e-5, atol=0)
+    remove_from_diffusers(ref)
+    with pytest.raises(ValueError, match="attention_backend"):
+        apply_to_diffusers(ref, attention_backend="no-such-backend")
+    assert "_cogvideox_fused" not in ref.__dict__                       # a refused call patches nothing
+    apply_to_diffusers(ref, attention_backend="sdpa-cudnn")             # exists, cannot run on a CPU
+    with pytest.raises(AttentionBackendError, match="sdpa-cudnn"), torch.no_grad():
+        ref(**x, return_dict=False)
+
+
+def test_errors():
+    from cogvideox import CogVideoXTransformer, TransformerConfig
+    with pytest.raises(TypeError, match="CogVideoXTransformer3DModel"):
+        apply_to_diffusers(torch.nn.Linear(2, 2))
+    with pytest.raises(TypeError, match="CogVideoXTransformer3DModel"):
+        apply_to_diffusers(CogVideoXTransformer(TransformerConfig.preset("tiny")))   # ours needs no patching
+    model = tiny_diffusers_transformer("2b")
+    with pytest.raises(ValueError, match="not patched"):
+        remove_from_diffusers(model)
+    apply_to_diffusers(model)
+    with pytest.raises(ValueError, match="already patched"):
+        apply_to_diffusers(model)
+    attn, h = model.transformer_blocks[0].attn1, torch.randn(2, 7, 32)
+    with pytest.raises(ValueError, match="attention_mask"):
+        FusedCogVideoXAttnProcessor()(attn, h, attention_mask=torch.ones(2, 7), text_seq_length=5)
+    with pytest.raises(ValueError, match="text_seq_length"):
+        FusedCogVideoXAttnProcessor()(attn, h)
+    remove_from_diffusers(model)
+    model.fuse_qkv_projections()
+    with pytest.raises(ValueError, match="unfuse_qkv_projections"):
+        apply_to_diffusers(model)
+    assert "_cogvideox_fused" not in model.__dict__
