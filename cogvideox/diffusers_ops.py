@@ -133,11 +133,15 @@ def _block_forward(self, hidden_states, encoder_hidden_states, temb, image_rotar
     """CogVideoXBlock.forward on the fused ops: (B, N, D) vision, (B, L, D) text -> the same two, updated."""
     L = encoder_hidden_states.shape[1]
     x = torch.cat([encoder_hidden_states, hidden_states], dim=1)              # (B, S, D) = [text | vision]
-    shift1, scale1, gate1 = _modulation(self.norm1, temb)                      # (B, 2, D) each
-    shift2, scale2, gate2 = _modulation(self.norm2, temb)
+    mod1, mod2 = _modulation(self.norm1, temb), _modulation(self.norm2, temb)  # shift, scale, gate: (B, 2, D)
+    # Under autocast the GEMM outputs are bf16/fp16 while the residual stream may be fp32 (2B adds an fp32
+    # table): the fused ops take one dtype, the one torch's type promotion gives the unfused sums.
+    dtype = torch.promote_types(x.dtype, mod1[0].dtype)
+    x = x.to(dtype)
+    (shift1, scale1, gate1), (shift2, scale2, gate2) = ([m.to(dtype) for m in mod] for mod in (mod1, mod2))
     h = kernels.expert_adaln(x, shift1, scale1, L, **_affine(self.norm1.norm))             # (B, S, D)
     a = self.attn1(h, text_seq_length=L, image_rotary_emb=image_rotary_emb, **(attention_kwargs or {}))
-    x, h = kernels.expert_adaln_residual(x, a, gate1, shift2, scale2, L, **_affine(self.norm2.norm))
+    x, h = kernels.expert_adaln_residual(x, a.to(dtype), gate1, shift2, scale2, L, **_affine(self.norm2.norm))
     x = x + expert_rows(gate2, L, x.shape[1]) * self.ff(h)                   # (B, S, D)
     return x[:, L:], x[:, :L]
 
@@ -145,7 +149,8 @@ def _block_forward(self, hidden_states, encoder_hidden_states, temb, image_rotar
 def _norm_out_forward(self, x, timestep=None, temb=None):
     """AdaLayerNorm(chunk_dim=1), CogVideoX's output norm: x (B, N, D), temb (B, E_t) -> (B, N, D)."""
     shift, scale = self.linear(self.silu(temb)).unflatten(1, (2, 1, -1)).unbind(1)   # (B, 1, D) each
-    return kernels.expert_adaln(x, shift, scale, 0, **_affine(self.norm))
+    dtype = torch.promote_types(x.dtype, shift.dtype)                         # autocast: see _block_forward
+    return kernels.expert_adaln(x.to(dtype), shift.to(dtype), scale.to(dtype), 0, **_affine(self.norm))
 
 
 def _table_tolerance(dtype: torch.dtype) -> float:

@@ -14,7 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from cogvideox import apply_to_diffusers, remove_from_diffusers
 from cogvideox.attention import AttentionBackendError
 from cogvideox.diffusers_ops import FusedCogVideoXAttnProcessor, RopePositions
-from conftest import assert_parity
+from conftest import assert_parity, max_err
 from diffusers_models import diffusers_rotary_emb, tiny_diffusers_transformer
 
 FAMILIES = ["2b", "5b", "5b-i2v", "1.5", "1.5-i2v"]
@@ -314,3 +314,22 @@ def test_errors():
     with pytest.raises(ValueError, match="unfuse_qkv_projections"):
         apply_to_diffusers(model)
     assert "_cogvideox_fused" not in model.__dict__
+
+
+@pytest.mark.parametrize("family", ["2b", "5b"])
+def test_autocast_bf16(family):
+    """fp32 weights under torch.autocast(bf16), as mixed-precision training runs: error vs the fp32 model
+    <= 2 x (unpatched autocast's error) + atol, output and gradients. 2B's residual stream is fp32 there (its
+    sincos table is an fp32 buffer) while the GEMM outputs are bf16."""
+    ref, ours = patched_pair(family, seed=9)
+    x = inputs(ref, SHAPES[family], seed=12)
+    out_r, grads_r = run(ref, x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out_p, grads_p = run(ref, x)
+        out_o, grads_o = run(ours, x)
+    assert out_o.dtype == out_p.dtype
+    assert_parity(out_o, out_r, plain=out_p, atol=2e-3)
+    for name in grads_r:       # fp32 gradients of bf16 math: the low-precision rule, written out
+        err, plain_err = max_err(grads_o[name], grads_r[name]), max_err(grads_p[name], grads_r[name])
+        bound = 2 * plain_err + 2e-3 * grads_r[name].abs().max().item() + 1e-6
+        assert err <= bound, f"{name}: max err {err:.3e} > 2 x autocast err {plain_err:.3e} + atol"
