@@ -198,8 +198,8 @@ def _rope_pre_hook(model, args, kwargs):
 class _Patched:
     """What apply_to_diffusers changed on one transformer, so remove_from_diffusers can put it back."""
 
-    def __init__(self, hook, modules, processors, head_dim):
-        self.hook, self.modules, self.processors, self.head_dim = hook, modules, processors, head_dim
+    def __init__(self, hook_id, modules, processors, head_dim):
+        self.hook_id, self.modules, self.processors, self.head_dim = hook_id, modules, processors, head_dim
         self.warned = False
 
 
@@ -259,7 +259,7 @@ def apply_to_diffusers(transformer, attention_backend: str | None = None):
     transformer.norm_out.forward = types.MethodType(_norm_out_forward, transformer.norm_out)
     hook = transformer.register_forward_pre_hook(_rope_pre_hook, with_kwargs=True)
     head_dim = transformer.config.attention_head_dim
-    object.__setattr__(transformer, _STATE, _Patched(hook, modules, processors, head_dim))
+    object.__setattr__(transformer, _STATE, _Patched(hook.id, modules, processors, head_dim))
     return transformer
 
 
@@ -268,7 +268,9 @@ def remove_from_diffusers(transformer):
     state = transformer.__dict__.get(_STATE) if isinstance(transformer, nn.Module) else None
     if state is None:
         raise ValueError("transformer is not patched by apply_to_diffusers")
-    state.hook.remove()
+    # By id, not through the handle: the handle of a deepcopy (an EMA copy) still points at the original's dicts.
+    transformer._forward_pre_hooks.pop(state.hook_id, None)
+    transformer._forward_pre_hooks_with_kwargs.pop(state.hook_id, None)
     for module in state.modules:
         del module.forward                       # the class's forward again
     for attn, original in state.processors.items():

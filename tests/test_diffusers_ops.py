@@ -333,3 +333,23 @@ def test_autocast_bf16(family):
         err, plain_err = max_err(grads_o[name], grads_r[name]), max_err(grads_p[name], grads_r[name])
         bound = 2 * plain_err + 2e-3 * grads_r[name].abs().max().item() + 1e-6
         assert err <= bound, f"{name}: max err {err:.3e} > 2 x autocast err {plain_err:.3e} + atol"
+
+
+def test_deepcopy_of_a_patched_model():
+    """An EMA copy (copy.deepcopy) of a patched model is patched too, and each undoes on its own."""
+    ref, ours = patched_pair("5b", seed=11)
+    x = inputs(ref, SHAPES["5b"], seed=13)
+    ema = copy.deepcopy(ours)
+    with torch.no_grad():
+        expected = ref(**x, return_dict=False)[0]
+        with OpCounter() as ops:
+            assert_parity(ema(**x, return_dict=False)[0], expected, rtol=1e-5, atol=0)
+        assert ops.counts.get("cogvideox::rope3d") == 2 * ref.config.num_layers
+        remove_from_diffusers(ema)
+        assert not ema._forward_pre_hooks and len(ours._forward_pre_hooks) == 1
+        assert all("forward" not in b.__dict__ for b in ema.transformer_blocks)
+        assert all("forward" in b.__dict__ for b in ours.transformer_blocks)
+        with OpCounter() as ops:
+            assert_parity(ours(**x, return_dict=False)[0], expected, rtol=1e-5, atol=0)
+        assert ops.counts.get("cogvideox::rope3d") == 2 * ref.config.num_layers
+        assert torch.equal(ema(**x, return_dict=False)[0], expected)
