@@ -234,7 +234,9 @@ def _check_model(transformer):
     if (not isinstance(norm_out, AdaLayerNorm) or norm_out.emb is not None or norm_out.chunk_dim != 1
             or "forward" in norm_out.__dict__):
         raise ValueError("transformer.norm_out must be an unmodified diffusers AdaLayerNorm(chunk_dim=1)")
-    if "image_rotary_emb" not in list(inspect.signature(transformer.forward).parameters)[_ROTARY_ARG:_ROTARY_ARG + 1]:
+    # The class's forward (self first): an instance's may be a hook's (*args, **kwargs) wrapper.
+    params = list(inspect.signature(type(transformer).forward).parameters)
+    if params[_ROTARY_ARG + 1:_ROTARY_ARG + 2] != ["image_rotary_emb"]:
         raise ValueError("CogVideoXTransformer3DModel.forward's arguments differ from diffusers 0.42.1's")
 
 
