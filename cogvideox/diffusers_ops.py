@@ -24,10 +24,10 @@ of this one model instance change:
 
 RoPE: diffusers hands the blocks (cos, sin) tables (N, Dh). A forward pre-hook on the transformer derives
 start/step from the model config and the latent grid exactly as `cogvideox.transformer.rope_positions` does
-(diffusers' pipelines' positions), rebuilds the table and compares it with the one passed (one device-to-host
-sync per forward). If they match, the blocks get the positions and rope3d computes cos/sin itself; if not (a
-training script with its own positions), the blocks apply the tables as given, unfused, and a warning is logged
-once. Without tables (2B), q/k get only their LayerNorm, as in diffusers.
+(diffusers' pipelines' positions), rebuilds the table and compares it with the one passed: one device-to-host
+sync per new pair of tables (a pipeline passes the same pair at every step). If they match, the blocks get the
+positions and rope3d computes cos/sin itself; if not (a training script with its own positions), the blocks
+apply the tables as given, unfused, and a warning is logged once. Without tables (2B), q/k get only their LayerNorm, as in diffusers.
 
 Not fused: the patch and time embeddings, every GEMM (QKV, out, FF, modulation), FF's GELU, norm_final,
 unpatchify. attention_mask is not supported (CogVideoX never passes one). state_dict keys and values are
@@ -183,7 +183,11 @@ def _rope_pre_hook(model, args, kwargs):
         return None
     latents = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
     state = getattr(model, _STATE)
-    positions = _match_positions(model.config, latents.shape, rotary, state.head_dim)
+    # Pipelines build the tables once per video and pass the same tensors at every step: check them once.
+    key = (tuple(latents.shape), *(t._version for t in rotary))             # same shape, tensors not written to
+    if state.checked is None or state.checked[0] != key or any(a is not b for a, b in zip(state.checked[1], rotary)):
+        state.checked = key, tuple(rotary), _match_positions(model.config, latents.shape, rotary, state.head_dim)
+    positions = state.checked[2]
     if positions is None:
         if not state.warned:
             log.warning("apply_to_diffusers: image_rotary_emb does not match the positions derived from the model "
@@ -201,6 +205,7 @@ class _Patched:
     def __init__(self, hook_id, modules, processors, head_dim):
         self.hook_id, self.modules, self.processors, self.head_dim = hook_id, modules, processors, head_dim
         self.warned = False
+        self.checked = None   # (key, tables, RopePositions or None) of the last tables checked
 
 
 def _check_model(transformer):

@@ -353,3 +353,24 @@ def test_deepcopy_of_a_patched_model():
             assert_parity(ours(**x, return_dict=False)[0], expected, rtol=1e-5, atol=0)
         assert ops.counts.get("cogvideox::rope3d") == 2 * ref.config.num_layers
         assert torch.equal(ema(**x, return_dict=False)[0], expected)
+
+
+def test_tables_are_checked_once_per_pair(monkeypatch):
+    """The same (cos, sin) at every sampling step: compared once; new tables, or tables written in place, again."""
+    import cogvideox.diffusers_ops as ops_mod
+    calls = []
+    match = ops_mod._match_positions
+    monkeypatch.setattr(ops_mod, "_match_positions", lambda *a: calls.append(1) or match(*a))
+    ref, ours = patched_pair("5b")
+    x = inputs(ref, SHAPES["5b"])
+    with torch.no_grad():
+        for _ in range(3):
+            ours(**x)
+        assert len(calls) == 1
+        ours(**{**x, "image_rotary_emb": tuple(t.clone() for t in x["image_rotary_emb"])})
+        assert len(calls) == 2
+        x["image_rotary_emb"][0].mul_(-1)                       # written in place: no longer diffusers' table
+        with OpCounter() as counted:
+            out = ours(**x, return_dict=False)[0]
+        assert len(calls) == 3 and "cogvideox::rope3d" not in counted.counts
+        assert_parity(out, ref(**x, return_dict=False)[0], rtol=1e-5, atol=0)
