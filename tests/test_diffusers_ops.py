@@ -387,3 +387,32 @@ def test_blocks_compile_without_graph_breaks():
     out_o, grads_o = run(ours, x)
     assert_parity(out_o, out_r, rtol=1e-5, atol=0)
     assert_grads(grads_o, grads_r)
+
+
+@pytest.mark.parametrize("family,text_len", [("5b", 1), ("1.5-i2v", 3)])
+def test_other_text_lengths(family, text_len):
+    """Text shorter than max_text_seq_length (RoPE families accept any): the expert split moves with it."""
+    ref, ours = patched_pair(family, seed=12)
+    x = inputs(ref, SHAPES[family], seed=15)
+    x["encoder_hidden_states"] = x["encoder_hidden_states"][:, :text_len]
+    out_r, grads_r = run(ref, x)
+    out_o, grads_o = run(ours, x)
+    assert_parity(out_o, out_r, rtol=1e-5, atol=0)
+    assert_grads(grads_o, grads_r)
+
+
+def test_dropout_in_training_draws_the_same_masks():
+    """dropout > 0 in train mode: the patched block calls diffusers' Dropout modules in diffusers' order on the same
+    joint tensors, so one seed gives the same masks and the same result."""
+    ref, ours = patched_pair("5b", seed=13, dropout=0.25)
+    ref.train(), ours.train()
+    x = inputs(ref, SHAPES["5b"], seed=16)
+    torch.manual_seed(0)
+    out_r, grads_r = run(ref, x)
+    torch.manual_seed(0)
+    out_o, grads_o = run(ours, x)
+    with torch.no_grad():
+        torch.manual_seed(1)
+        assert (ours(**x, return_dict=False)[0] - out_o).abs().max() > 1e-3     # dropout is really on
+    assert_parity(out_o, out_r, rtol=1e-5, atol=0)
+    assert_grads(grads_o, grads_r)
