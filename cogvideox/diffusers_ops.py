@@ -92,6 +92,9 @@ class FusedCogVideoXAttnProcessor:
         v = attn.to_v(hidden_states).unflatten(-1, (attn.heads, -1))
         q = _norm_rope(q, attn.norm_q, L, image_rotary_emb)
         k = _norm_rope(k, attn.norm_k, L, image_rotary_emb)
+        # CUDA autocast runs LayerNorm in fp32 (2B's q/k norm, the table path) and SDPA in the GEMMs' dtype:
+        # the attention seam takes one dtype, so q and k get v's, as autocast's SDPA would cast them.
+        q, k = q.to(v.dtype), k.to(v.dtype)
         o = attention(q, k, v, backend=self.backend).flatten(2)                 # (B, S, D)
         o = attn.to_out[1](attn.to_out[0](o))                                   # out projection, dropout
         return (o[:, L:], o[:, :L]) if split else o
