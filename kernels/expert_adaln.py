@@ -5,6 +5,9 @@
 
 x is the joint sequence (B, S, D) = [text | vision]; e(s) = 0 for s < text_len (the text expert), 1 otherwise.
 With E = 1 one expert modulates every token. One LayerNorm weight/bias serves both experts.
+Under context parallelism x is a shard: rows [offset, offset + S) of the joint sequence, text_len the global text
+length, so local row s is text when offset + s < text_len; the shard's text rows are [0, clamp(text_len - offset,
+0, S)), computed on the host (local_text_len): the kernels only ever see a local boundary.
 
 Fused: one kernel reads x (and y) once and writes x_new (residual stream) and out once; LayerNorm statistics,
 the residual and the modulation stay in registers. x_new is rounded to x.dtype before the LayerNorm, as the
@@ -25,41 +28,45 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._dispatch import (check_grid, check_like, check_params, check_shape, check_tensor, check_text_len,
-                        last_dim_contiguous, num_sms, use_triton)
+from ._dispatch import (check_eps, check_grid, check_like, check_offset, check_params, check_shape, check_tensor,
+                        check_text_len, last_dim_contiguous, local_text_len, num_sms, use_triton)
 from ._triton_common import cast_rtne
 
 
-def expert_rows(p: torch.Tensor, text_len: int, seq_len: int) -> torch.Tensor:
-    """(B, E, D) per-expert vectors -> (B, S, D) per-token view: expert 0 for text rows, expert 1 for vision."""
+def expert_rows(p: torch.Tensor, text_len: int, seq_len: int, offset: int = 0) -> torch.Tensor:
+    """(B, E, D) per-expert vectors -> (B, S, D) per-token view: expert 0 for text rows, expert 1 for vision.
+    offset: the global index of the first row (a context-parallel shard); text_len stays the global text length."""
     B, E, D = p.shape
     if E == 1:
         return p.expand(B, seq_len, D)
-    return torch.cat([p[:, :1].expand(B, text_len, D), p[:, 1:].expand(B, seq_len - text_len, D)], dim=1)
+    n_text = local_text_len(text_len, seq_len, offset)
+    return torch.cat([p[:, :1].expand(B, n_text, D), p[:, 1:].expand(B, seq_len - n_text, D)], dim=1)
 
 
-def expert_sum(t: torch.Tensor, text_len: int, E: int) -> torch.Tensor:
+def expert_sum(t: torch.Tensor, text_len: int, E: int, offset: int = 0) -> torch.Tensor:
     """(B, S, D) per-token values -> (B, E, D) sums over each expert's tokens (the adjoint of expert_rows)."""
     if E == 1:
         return t.sum(1, keepdim=True)
-    return torch.stack([t[:, :text_len].sum(1), t[:, text_len:].sum(1)], dim=1)
+    n_text = local_text_len(text_len, t.shape[1], offset)
+    return torch.stack([t[:, :n_text].sum(1), t[:, n_text:].sum(1)], dim=1)
 
 
-def expert_adaln_ref(x, shift, scale, text_len, weight=None, bias=None, eps=1e-5):
+def expert_adaln_ref(x, shift, scale, text_len, weight=None, bias=None, eps=1e-5, offset=0):
     """Pure torch, fp32 inside, one rounding to x.dtype at the end."""
     B, S, D = x.shape
     w = None if weight is None else weight.float()
     b = None if bias is None else bias.float()
     normed = F.layer_norm(x.float(), (D,), w, b, eps)
-    out = normed * (1 + expert_rows(scale.float(), text_len, S)) + expert_rows(shift.float(), text_len, S)
+    out = normed * (1 + expert_rows(scale.float(), text_len, S, offset))
+    out = out + expert_rows(shift.float(), text_len, S, offset)
     return out.to(x.dtype)
 
 
-def expert_adaln_residual_ref(x, y, gate, shift, scale, text_len, weight=None, bias=None, eps=1e-5):
+def expert_adaln_residual_ref(x, y, gate, shift, scale, text_len, weight=None, bias=None, eps=1e-5, offset=0):
     """x_new = x + gate * y (rounded to x.dtype), then expert_adaln_ref(x_new, ...)."""
     S = x.shape[1]
-    x_new = (x.float() + expert_rows(gate.float(), text_len, S) * y.float()).to(x.dtype)
-    return x_new, expert_adaln_ref(x_new, shift, scale, text_len, weight, bias, eps)
+    x_new = (x.float() + expert_rows(gate.float(), text_len, S, offset) * y.float()).to(x.dtype)
+    return x_new, expert_adaln_ref(x_new, shift, scale, text_len, weight, bias, eps, offset)
 
 
 @triton.jit
@@ -204,9 +211,10 @@ def _mod_strides(p):
     return (p.stride(0), p.stride(1)) if p is not None else (0, 0)
 
 
-def expert_adaln_fwd(x, y, gate, shift, scale, text_len, weight, bias, eps):
+def expert_adaln_fwd(x, y, gate, shift, scale, text_len, weight, bias, eps, offset=0):
     """Launch the forward kernel. y, gate None: expert_adaln -> (None, out); else -> (x_new, out)."""
     B, S, D = x.shape
+    text_len = local_text_len(text_len, S, offset)   # the kernel's text_len: text rows of this shard
     x, y, gate, shift, scale, w, bi = map(last_dim_contiguous, (x, y, gate, shift, scale, weight, bias))
     res = y is not None
     cfg = launch_config(B, S, D, num_sms(x.device))
@@ -223,10 +231,11 @@ def expert_adaln_fwd(x, y, gate, shift, scale, text_len, weight, bias, eps):
     return x_new, out
 
 
-def expert_adaln_bwd(dout, dx_new, x, y, gate, scale, text_len, weight, bias, eps):
+def expert_adaln_bwd(dout, dx_new, x, y, gate, scale, text_len, weight, bias, eps, offset=0):
     """Launch the backward kernel; x is the LayerNorm input. -> dx, dy, dgate, dshift, dscale, dweight, dbias
     (None for the ones that do not exist)."""
     B, S, D = x.shape
+    text_len = local_text_len(text_len, S, offset)
     E = scale.shape[1]
     x, y, gate, scale, w, bi = map(last_dim_contiguous, (x, y, gate, scale, weight, bias))
     dout = dout.contiguous()  # incoming grads may be stride-0 expansions (.sum().backward())
@@ -255,7 +264,7 @@ def expert_adaln_bwd(dout, dx_new, x, y, gate, scale, text_len, weight, bias, ep
     return dx, dy, dgate, dshift, dscale, dweight, dbias
 
 
-def _expert_adaln_bwd_torch(dout, dx_new, x, y, gate, scale, text_len, weight, bias, eps):
+def _expert_adaln_bwd_torch(dout, dx_new, x, y, gate, scale, text_len, weight, bias, eps, offset=0):
     """Pure-torch backward (the CPU path), fp32, the same math as the kernel. Written out rather than autograd
     through the reference: custom-op impls run below the autograd dispatch key, so no graph would be recorded."""
     B, S, D = x.shape
@@ -266,15 +275,15 @@ def _expert_adaln_bwd_torch(dout, dx_new, x, y, gate, scale, text_len, weight, b
     xhat = xc * rstd                                                   # (B, S, D)
     w = weight.float() if weight is not None else xhat.new_ones(D)
     normed = xhat * w + (bias.float() if bias is not None else 0.0)
-    dn = dout * (1 + expert_rows(scale.float(), text_len, S))         # d(normed)
+    dn = dout * (1 + expert_rows(scale.float(), text_len, S, offset))  # d(normed)
     dxhat = dn * w
     dx = rstd * (dxhat - dxhat.mean(-1, keepdim=True) - xhat * (dxhat * xhat).mean(-1, keepdim=True))
     if dx_new is not None:
         dx = dx + dx_new.float()
-    dy = (dx * expert_rows(gate.float(), text_len, S)).to(y.dtype) if y is not None else None
-    dgate = expert_sum(dx * y.float(), text_len, E).to(gate.dtype) if y is not None else None
-    dshift = expert_sum(dout, text_len, E).to(scale.dtype)
-    dscale = expert_sum(dout * normed, text_len, E).to(scale.dtype)
+    dy = (dx * expert_rows(gate.float(), text_len, S, offset)).to(y.dtype) if y is not None else None
+    dgate = expert_sum(dx * y.float(), text_len, E, offset).to(gate.dtype) if y is not None else None
+    dshift = expert_sum(dout, text_len, E, offset).to(scale.dtype)
+    dscale = expert_sum(dout * normed, text_len, E, offset).to(scale.dtype)
     dweight = (dn * xhat).sum((0, 1)).to(weight.dtype) if weight is not None else None
     dbias = dn.sum((0, 1)).to(bias.dtype) if bias is not None else None
     return dx.to(x.dtype), dy, dgate, dshift, dscale, dweight, dbias
@@ -282,19 +291,21 @@ def _expert_adaln_bwd_torch(dout, dx_new, x, y, gate, scale, text_len, weight, b
 
 @torch.library.custom_op("cogvideox::expert_adaln", mutates_args=())
 def _expert_adaln_op(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, text_len: int,
-                     weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
+                     weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
+                     offset: int = 0) -> torch.Tensor:
     if use_triton(x) and x.numel() > 0:
-        return expert_adaln_fwd(x, None, None, shift, scale, text_len, weight, bias, eps)[1]
-    return expert_adaln_ref(x, shift, scale, text_len, weight, bias, eps)
+        return expert_adaln_fwd(x, None, None, shift, scale, text_len, weight, bias, eps, offset)[1]
+    return expert_adaln_ref(x, shift, scale, text_len, weight, bias, eps, offset)
 
 
 @torch.library.custom_op("cogvideox::expert_adaln_residual", mutates_args=())
 def _expert_adaln_residual_op(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, shift: torch.Tensor,
                               scale: torch.Tensor, text_len: int, weight: torch.Tensor | None,
-                              bias: torch.Tensor | None, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+                              bias: torch.Tensor | None, eps: float,
+                              offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     if use_triton(x) and x.numel() > 0:
-        return expert_adaln_fwd(x, y, gate, shift, scale, text_len, weight, bias, eps)
-    return expert_adaln_residual_ref(x, y, gate, shift, scale, text_len, weight, bias, eps)
+        return expert_adaln_fwd(x, y, gate, shift, scale, text_len, weight, bias, eps, offset)
+    return expert_adaln_residual_ref(x, y, gate, shift, scale, text_len, weight, bias, eps, offset)
 
 
 _EMPTY_GRAD_SHAPE = (0,)  # custom ops cannot return None: absent gradients travel as empty tensors
@@ -304,9 +315,9 @@ _SEVEN_GRADS = tuple[(torch.Tensor,) * 7]  # dx, dy, dgate, dshift, dscale, dwei
 @torch.library.custom_op("cogvideox::expert_adaln_bwd", mutates_args=())
 def _expert_adaln_bwd_op(dout: torch.Tensor, dx_new: torch.Tensor | None, x: torch.Tensor, y: torch.Tensor | None,
                          gate: torch.Tensor | None, scale: torch.Tensor, text_len: int, weight: torch.Tensor | None,
-                         bias: torch.Tensor | None, eps: float) -> _SEVEN_GRADS:
+                         bias: torch.Tensor | None, eps: float, offset: int = 0) -> _SEVEN_GRADS:
     """-> dx, dy, dgate, dshift, dscale, dweight, dbias; x is the LayerNorm input (x_new for the residual op)."""
-    args = (dout, dx_new, x, y, gate, scale, text_len, weight, bias, eps)
+    args = (dout, dx_new, x, y, gate, scale, text_len, weight, bias, eps, offset)
     if use_triton(x) and x.numel() > 0:
         grads = expert_adaln_bwd(*args)
     else:
@@ -315,17 +326,17 @@ def _expert_adaln_bwd_op(dout: torch.Tensor, dx_new: torch.Tensor | None, x: tor
 
 
 @_expert_adaln_op.register_fake
-def _(x, shift, scale, text_len, weight, bias, eps):
+def _(x, shift, scale, text_len, weight, bias, eps, offset=0):
     return x.new_empty(x.shape)
 
 
 @_expert_adaln_residual_op.register_fake
-def _(x, y, gate, shift, scale, text_len, weight, bias, eps):
+def _(x, y, gate, shift, scale, text_len, weight, bias, eps, offset=0):
     return x.new_empty(x.shape), x.new_empty(x.shape)
 
 
 @_expert_adaln_bwd_op.register_fake
-def _(dout, dx_new, x, y, gate, scale, text_len, weight, bias, eps):
+def _(dout, dx_new, x, y, gate, scale, text_len, weight, bias, eps, offset=0):
     def like(t):
         return t.new_empty(t.shape) if t is not None else x.new_empty(_EMPTY_GRAD_SHAPE)
     return like(x), like(y), like(gate), like(scale), like(scale), like(weight), like(bias)
@@ -336,39 +347,40 @@ def _grads_out(t, g):
 
 
 def _setup_plain(ctx, inputs, output):
-    x, shift, scale, text_len, weight, bias, eps = inputs
+    x, shift, scale, text_len, weight, bias, eps, offset = inputs
     ctx.save_for_backward(x, scale, weight, bias)
-    ctx.text_len, ctx.eps = text_len, eps
+    ctx.text_len, ctx.eps, ctx.offset = text_len, eps, offset
 
 
 def _backward_plain(ctx, dout):
     x, scale, weight, bias = ctx.saved_tensors
     dx, _, _, dshift, dscale, dw, db = torch.ops.cogvideox.expert_adaln_bwd(
-        dout, None, x, None, None, scale, ctx.text_len, weight, bias, ctx.eps)
-    return dx, dshift, dscale, None, _grads_out(weight, dw), _grads_out(bias, db), None
+        dout, None, x, None, None, scale, ctx.text_len, weight, bias, ctx.eps, ctx.offset)
+    return dx, dshift, dscale, None, _grads_out(weight, dw), _grads_out(bias, db), None, None
 
 
 def _setup_residual(ctx, inputs, output):
-    x, y, gate, shift, scale, text_len, weight, bias, eps = inputs
+    x, y, gate, shift, scale, text_len, weight, bias, eps, offset = inputs
     ctx.save_for_backward(output[0], y, gate, scale, weight, bias)  # x_new: the residual stream lives on anyway
-    ctx.text_len, ctx.eps = text_len, eps
+    ctx.text_len, ctx.eps, ctx.offset = text_len, eps, offset
 
 
 def _backward_residual(ctx, dx_new, dout):
     x_new, y, gate, scale, weight, bias = ctx.saved_tensors  # autograd hands zeros for an unused output
     dx, dy, dgate, dshift, dscale, dw, db = torch.ops.cogvideox.expert_adaln_bwd(
-        dout, dx_new, x_new, y, gate, scale, ctx.text_len, weight, bias, ctx.eps)
-    return dx, dy, dgate, dshift, dscale, None, _grads_out(weight, dw), _grads_out(bias, db), None
+        dout, dx_new, x_new, y, gate, scale, ctx.text_len, weight, bias, ctx.eps, ctx.offset)
+    return dx, dy, dgate, dshift, dscale, None, _grads_out(weight, dw), _grads_out(bias, db), None, None
 
 
 _expert_adaln_op.register_autograd(_backward_plain, setup_context=_setup_plain)
 _expert_adaln_residual_op.register_autograd(_backward_residual, setup_context=_setup_residual)
 
 
-def _check(x, mods, text_len, weight, bias):
+def _check(x, mods, text_len, weight, bias, offset):
     check_tensor("x", x, ndim=3)
     B, S, D = x.shape
-    check_text_len(text_len, S)
+    check_text_len(text_len, None)   # the global text length: a shard may lie wholly inside the text
+    check_offset(offset)
     E = None
     for name, p in mods.items():
         check_tensor(name, p, ndim=3)
@@ -381,18 +393,23 @@ def _check(x, mods, text_len, weight, bias):
     check_params(x, D, weight=weight, bias=bias)
 
 
-def expert_adaln(x, shift, scale, text_len, weight=None, bias=None, eps=1e-5):
-    """x: (B, S, D); shift, scale: (B, E, D), E in (1, 2); weight, bias: (D,) or None -> out (B, S, D)."""
-    _check(x, {"shift": shift, "scale": scale}, text_len, weight, bias)
-    return torch.ops.cogvideox.expert_adaln(x, shift, scale, text_len, weight, bias, float(eps))
+def expert_adaln(x, shift, scale, text_len, weight=None, bias=None, eps=1e-5, offset=0):
+    """x: (B, S, D); shift, scale: (B, E, D), E in (1, 2); weight, bias: (D,) or None -> out (B, S, D).
+
+    offset: the global index of x's first token when x is a context-parallel shard of the joint sequence;
+    text_len is the global text length (it may exceed offset + S: then every row of the shard is text).
+    """
+    _check(x, {"shift": shift, "scale": scale}, text_len, weight, bias, offset)
+    return torch.ops.cogvideox.expert_adaln(x, shift, scale, text_len, weight, bias, check_eps(eps), offset)
 
 
-def expert_adaln_residual(x, y, gate, shift, scale, text_len, weight=None, bias=None, eps=1e-5):
-    """x, y: (B, S, D); gate, shift, scale: (B, E, D) -> (x_new, out), both (B, S, D)."""
+def expert_adaln_residual(x, y, gate, shift, scale, text_len, weight=None, bias=None, eps=1e-5, offset=0):
+    """x, y: (B, S, D); gate, shift, scale: (B, E, D) -> (x_new, out), both (B, S, D). offset: as expert_adaln."""
     check_tensor("x", x, ndim=3)  # before y's checks, which compare against x
     check_tensor("y", y, ndim=3)
     check_like("y", y, "x", x)
     if y.shape != x.shape:
         raise ValueError(f"y must have the shape of x {tuple(x.shape)}, got {tuple(y.shape)}")
-    _check(x, {"gate": gate, "shift": shift, "scale": scale}, text_len, weight, bias)
-    return torch.ops.cogvideox.expert_adaln_residual(x, y, gate, shift, scale, text_len, weight, bias, float(eps))
+    _check(x, {"gate": gate, "shift": shift, "scale": scale}, text_len, weight, bias, offset)
+    return torch.ops.cogvideox.expert_adaln_residual(x, y, gate, shift, scale, text_len, weight, bias,
+                                                     check_eps(eps), offset)

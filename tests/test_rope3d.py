@@ -347,6 +347,54 @@ def test_tensor_positions_equal_floats(monkeypatch, kernels):
         assert torch.equal(t, e)
 
 
+# Context-parallel shards of one joint sequence (text_len = 5, grid (2, 2, 3): S = 17): the shards' boundaries.
+# Offsets 0, 3 (mid-text: a shard wholly inside the text), 5 (exactly text_len), 9 (mid-vision), uneven sizes;
+# a shard straddling the text/vision boundary; one-token shards.
+SHARDINGS = [(0, 3, 5, 9, 17), (0, 7, 8, 17), (0, 1, 2, 6, 16, 17)]
+
+
+@pytest.mark.parametrize("norm", [True, False], ids=["norm", "nonorm"])
+@pytest.mark.parametrize("bounds", SHARDINGS, ids=lambda b: "-".join(map(str, b)))
+@pytest.mark.parametrize("kernels", ["triton", "torch"])
+def test_context_parallel_offset(monkeypatch, kernels, bounds, norm):
+    """rope3d(x[:, lo:hi], offset=lo) is rope3d(x)[:, lo:hi] bit for bit in fp32 (each token sees the same
+    arithmetic), forward and input gradient, on the reference path and in the interpreter; dweight / dbias summed
+    over the shards equal the full ones (1e-5 relative)."""
+    monkeypatch.setenv("COGVIDEOX_KERNELS", kernels)
+    text_len, grid, kw = 5, (2, 2, 3), dict(start=(0.0, 1.0, 0.5), step=(1.0, 0.75, 1.25))
+    x = _x(2, 17, 3, 64, torch.float32, "qkv").requires_grad_()
+    w = (1 + 0.3 * torch.randn(64)).requires_grad_() if norm else None
+    b = (0.3 * torch.randn(64)).requires_grad_() if norm else None
+    dy = torch.randn(2, 17, 3, 64)
+    leaves = [t for t in (x, w, b) if t is not None]
+    full = rope3d(x, text_len, grid, weight=w, bias=b, **kw)
+    full_grads = torch.autograd.grad(full, leaves, dy)
+    shards = [rope3d(x[:, lo:hi], text_len, grid, weight=w, bias=b, offset=lo, **kw)
+              for lo, hi in zip(bounds[:-1], bounds[1:])]
+    grads = torch.autograd.grad(shards, leaves, [dy[:, lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:])])
+    assert torch.equal(torch.cat(shards, dim=1), full)
+    assert torch.equal(grads[0], full_grads[0])
+    for name, g, r in zip(("dweight", "dbias"), grads[1:], full_grads[1:]):
+        assert_parity(g, r, name=name)
+    # the reference itself, shard by shard
+    ref = rope3d_ref(x.detach(), text_len, grid, weight=w, bias=b, **kw)
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        part = rope3d_ref(x[:, lo:hi].detach(), text_len, grid, weight=w, bias=b, offset=lo, **kw)
+        assert torch.equal(part, ref[:, lo:hi])
+
+
+@pytest.mark.parametrize("offset, S, ok", [(0, 17, True), (12, 5, True), (13, 5, False), (0, 18, False),
+                                           (17, 0, True), (30, 1, False)])
+def test_offset_shard_must_fit(offset, S, ok):
+    """An int offset: x is a shard, offset + S <= text_len + T*Hg*Wg (here 5 + 12); None: the exact rule."""
+    x = torch.randn(1, S, 2, 32)
+    if ok:
+        assert rope3d(x, 5, (2, 2, 3), offset=offset).shape == x.shape
+    else:
+        with pytest.raises(ValueError, match="offset"):
+            rope3d(x, 5, (2, 2, 3), offset=offset)
+
+
 BAD_INPUTS = {
     "x_not_tensor": (TypeError, lambda x, w: rope3d(x.tolist(), 2, (1, 2, 3))),
     "x_int_dtype": (TypeError, lambda x, w: rope3d(x.long(), 2, (1, 2, 3))),
@@ -370,6 +418,10 @@ BAD_INPUTS = {
     "step_tensor_2d": (ValueError, lambda x, w: rope3d(x, 2, (1, 2, 3), step=torch.ones(1, 3))),
     "start_tensor_other_device": (ValueError, lambda x, w: rope3d(x, 2, (1, 2, 3), start=w[:3].to("meta"))),
     "theta_zero": (ValueError, lambda x, w: rope3d(x, 2, (1, 2, 3), theta=0.0)),
+    "offset_negative": (ValueError, lambda x, w: rope3d(x, 2, (1, 2, 3), offset=-1)),
+    "offset_float": (TypeError, lambda x, w: rope3d(x, 2, (1, 2, 3), offset=0.0)),
+    "offset_bool": (TypeError, lambda x, w: rope3d(x, 2, (1, 2, 3), offset=False)),
+    "text_len_negative_in_shard": (ValueError, lambda x, w: rope3d(x, -1, (1, 2, 3), offset=0)),
 }
 
 
@@ -378,6 +430,22 @@ def test_bad_input(case):
     error, call = BAD_INPUTS[case]
     with pytest.raises(error):
         call(torch.randn(1, 8, 2, 32), torch.randn(32))
+
+
+@pytest.mark.parametrize("eps, error, msg", [
+    (0.0, ValueError, "eps must be a finite number > 0, got 0.0"),
+    (-1e-6, ValueError, "eps must be a finite number > 0, got -1e-06"),
+    (float("nan"), ValueError, "eps must be a finite number > 0, got nan"),
+    (float("inf"), ValueError, "eps must be a finite number > 0, got inf"),
+    (None, TypeError, "eps must be a real number, got NoneType"),
+    ("1e-6", TypeError, "eps must be a real number, got str"),
+])
+def test_bad_eps(eps, error, msg):
+    """The shared check (kernels._dispatch.check_eps): a bad eps used to reach the kernels and yield NaN."""
+    x, w = torch.randn(1, 8, 2, 32), torch.randn(32)
+    with pytest.raises(error) as info:
+        rope3d(x, 2, (1, 2, 3), weight=w, eps=eps)
+    assert msg in str(info.value)
 
 
 def test_empty_batch(triton_kernels):
@@ -424,7 +492,7 @@ def _aot_build(backward, H, dtype, norm):
     sig.update({n: "*" + dtype for n in ptrs})
     sig.update({n: "*fp32" for n in ("DW_PART", "DB_PART") if backward})
     sig.update({"START": "*fp32", "STEP": "*fp32"})
-    sig.update({n: "i32" for n in ("B", "S", "H", "sxb", "sxs", "sxh", "text_len", "Hg", "Wg")})
+    sig.update({n: "i32" for n in ("B", "S", "H", "sxb", "sxs", "sxh", "text_len", "offset", "Hg", "Wg")})
     sig.update({n: "fp32" for n in ("log2_theta", "eps")})
     const = dict(HEAD_DIM=64, DT=16, DH=24, NORM=norm, HAS_W=norm, HAS_B=norm,
                  BLOCK_S=cfg["BLOCK_S"], BLOCK_H=cfg["BLOCK_H"], BLOCK_D=cfg["BLOCK_D"])
