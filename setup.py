@@ -24,6 +24,7 @@ setup(
             "diffusers==0.42.1",
             "transformers",
             "sentencepiece",
+            "peft",
             "matplotlib",
         ],
         "bench": ["matplotlib", "diffusers==0.42.1"],
