@@ -215,6 +215,10 @@ def test_opcheck(monkeypatch, path):
                                                 3, w.detach(), None, EPS)),
         (torch.ops.cogvideox.expert_adaln_bwd, (dout, None, x.detach(), None, None, scale.detach(), 3, None,
                                                 b.detach(), EPS)),
+        # a context-parallel shard: offset 2, text_len 3 -> one text row
+        (torch.ops.cogvideox.expert_adaln_residual, (x, y, gate, shift, scale, 3, w, b, EPS, 2)),
+        (torch.ops.cogvideox.expert_adaln_bwd, (dout, dout, x.detach(), y.detach(), gate.detach(), scale.detach(),
+                                                3, w.detach(), b.detach(), EPS, 2)),
     ]
     for op, args in samples:
         torch.library.opcheck(op, args)

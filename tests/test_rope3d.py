@@ -255,6 +255,11 @@ def test_opcheck(monkeypatch, kernels):
     dy = torch.randn(1, 8, 3, 32)
     torch.library.opcheck(torch.ops.cogvideox.rope3d_bwd.default, (dy, x.detach(), *common, w.detach(), None, 1e-6))
     torch.library.opcheck(torch.ops.cogvideox.rope3d_bwd.default, (dy, None, *common, None, None, 1e-6))
+    # a context-parallel shard: tokens [1, 9) of a 2 + 1*2*4 sequence
+    shard = (2, [1, 2, 4], start, step, 10000.0, [8, 12, 12])
+    torch.library.opcheck(torch.ops.cogvideox.rope3d.default, (x, *shard, w, b, 1e-6, 1))
+    torch.library.opcheck(torch.ops.cogvideox.rope3d_bwd.default, (dy, x.detach(), *shard, w.detach(), b.detach(),
+                                                                   1e-6, 1))
 
 
 def test_compile_fullgraph_three_lengths(triton_kernels):
