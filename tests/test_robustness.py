@@ -202,3 +202,236 @@ def test_tiny_presets_fit_together_and_the_tiny_vae_tiles():
     assert tiled.shape == untiled.shape == (1, 3, 1, 8 * t.sample_height, 8 * t.sample_width)
     assert (tiled - untiled).abs().max() > 0   # the tiled path really ran
     assert vae.encode(tiled, tiling=True).mode().shape == z.shape
+
+
+# ---- non-finite numbers ------------------------------------------------------------------------------------
+def _tiny_model():
+    from cogvideox.transformer import CogVideoXTransformer
+
+    torch.manual_seed(0)
+    return CogVideoXTransformer(TransformerConfig.preset("tiny")).eval()
+
+
+@pytest.mark.parametrize("kw,needle", [
+    ({"guidance_scale": float("inf")}, "guidance_scale must be a finite number"),
+    ({"guidance_scale": float("nan")}, "guidance_scale must be a finite number"),
+    ({"guidance_scale": -1.0}, "guidance_scale must be >= 0"),
+    ({"snr_shift_scale": float("nan")}, "snr_shift_scale must be a finite number"),
+    ({"snr_shift_scale": float("inf")}, "snr_shift_scale must be a finite number"),
+])
+def test_pipeline_refuses_non_finite_numbers(kw, needle):
+    from cogvideox import pipeline as P
+
+    pos = torch.randn(1, 5, 24)
+    with pytest.raises(ValueError, match=needle):
+        P.generate(_tiny_model(), pos, pos.clone(), num_frames=5, height=64, width=96, steps=1, progress=False,
+                   **kw)
+
+
+def test_sampler_and_scheduler_refuse_non_finite_numbers():
+    from cogvideox import pipeline as P
+    from cogvideox import scheduler as S
+
+    with pytest.raises(ValueError, match="guidance_scale must be a finite number"):
+        P.denoise(_tiny_model(), torch.randn(1, 2, 4, 8, 12), torch.randn(2, 5, 24), steps=1,
+                  guidance_scale=float("nan"), progress=False)
+    for bad in (float("nan"), float("inf"), 0.0):
+        with pytest.raises(ValueError, match="snr_shift_scale must be a finite number > 0"):
+            S.alphas_cumprod(bad)
+    with pytest.raises(ValueError, match="guidance_scale must be a finite number"):
+        S.dynamic_cfg_scale(float("inf"), 999, 50)
+    with pytest.raises(ValueError, match="fps must be"):
+        P.save_frames(torch.zeros(1, 2, 2, 3, dtype=torch.uint8).numpy(), "/nonexistent/x", fps=float("nan"))
+
+
+def test_scheduler_config_with_nan_shift(tmp_path):
+    from cogvideox import pipeline as P
+
+    os.makedirs(tmp_path / "scheduler")
+    (tmp_path / "scheduler" / "scheduler_config.json").write_text('{"snr_shift_scale": NaN}')   # json reads NaN
+    with pytest.raises(CheckpointError, match="snr_shift_scale must be a finite number"):
+        P.read_scheduler_config(str(tmp_path))
+    (tmp_path / "scheduler" / "scheduler_config.json").write_bytes(b"\xff")
+    with pytest.raises(CheckpointError, match="not UTF-8"):
+        P.read_scheduler_config(str(tmp_path))
+
+
+# ---- the command line: every input checked before any model is built ------------------------------------------
+TINY_RUN = ["generate", "--preset", "tiny", "--random-init", "--frames", "5", "--steps", "1", "--no-progress"]
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Building a model fails the test: the CLI must have refused the input before."""
+    from cogvideox import transformer
+
+    def refuse(*a, **k):
+        raise AssertionError("a model was built before the input was checked")
+    monkeypatch.setattr(transformer.CogVideoXTransformer, "__init__", refuse)
+
+
+def _bad_inputs(tmp_path):
+    """(extra argv, expected message) for inputs that must be refused."""
+    d = tmp_path / "in"
+    d.mkdir()
+    (d / "junk.safetensors").write_bytes(os.urandom(200))
+    (d / "junk.pt").write_bytes(b"PK\x03\x04" + os.urandom(200))
+    torch.save({"prompt_embeds": "a cat"}, d / "string.pt")
+    torch.save({"prompt_embeds": torch.zeros(0, 5, 24)}, d / "empty.pt")
+    torch.save({"prompt_embeds": torch.full((1, 5, 24), float("nan"))}, d / "nan.pt")
+    torch.save({"prompt_embeds": torch.randn(1, 5, 24), "negative_prompt_embeds": [1, 2]}, d / "neglist.pt")
+    (d / "notimage.png").write_text("not an image")
+    (d / "file").write_text("a regular file")
+    (d / "frames").mkdir()
+    (d / "frames" / "notes.txt").write_text("keep me")
+    p = ["--prompt", "a cat"]
+    o = ["--out", str(tmp_path / "o")]
+    return {
+        "guidance-inf": (["--guidance", "inf", *p, *o], "--guidance must be a finite number"),
+        "guidance-nan": (["--guidance", "nan", *p, *o], "--guidance must be a finite number"),
+        "fps-0": (["--fps", "0", *p, *o], "--fps must be > 0"),
+        "embeds-corrupt-safetensors": (["--prompt-embeds", str(d / "junk.safetensors"), *o], "cannot be read"),
+        "embeds-corrupt-pt": (["--prompt-embeds", str(d / "junk.pt"), *o], "cannot be read"),
+        "embeds-string": (["--prompt-embeds", str(d / "string.pt"), *o], "prompt_embeds must be a tensor"),
+        "embeds-batch-0": (["--prompt-embeds", str(d / "empty.pt"), *o], "B, L > 0"),
+        "embeds-nan": (["--prompt-embeds", str(d / "nan.pt"), *o], "finite"),
+        "embeds-negative-list": (["--prompt-embeds", str(d / "neglist.pt"), *o],
+                                 "negative_prompt_embeds must be a tensor"),
+        "image-not-an-image": (["--preset", "5b-i2v", "--image", str(d / "notimage.png"), *p, *o],
+                               "not a readable image"),
+        "out-under-a-file": ([*p, "--out", str(d / "file" / "video.mp4")], "is a file, not a folder"),
+        "out-is-a-file": ([*p, "--out", str(d / "file")], "exists and is a file, not a folder"),
+        "out-folder-with-other-files": ([*p, "--out", str(d / "frames")], "holding other files than frames"),
+        "out-not-writable": ([*p, "--out", "/proc/cogvideox-test/video.mp4"], "cannot write in /proc"),
+    }
+
+
+@pytest.mark.parametrize("case", [
+    "guidance-inf", "guidance-nan", "fps-0", "embeds-corrupt-safetensors", "embeds-corrupt-pt", "embeds-string",
+    "embeds-batch-0", "embeds-nan", "embeds-negative-list", "image-not-an-image", "out-under-a-file",
+    "out-is-a-file", "out-folder-with-other-files", "out-not-writable"])
+def test_cli_refuses_bad_inputs_before_any_model(tmp_path, capsys, no_model, case):
+    """One `error:` line, exit 2, nothing written, no model built."""
+    from cogvideox.__main__ import main
+
+    extra, needle = _bad_inputs(tmp_path)[case]
+    argv = list(TINY_RUN)
+    if "--preset" in extra:   # the I2V case picks its own preset
+        i = extra.index("--preset")
+        argv[argv.index("tiny")] = extra[i + 1]
+        extra = extra[:i] + extra[i + 2:]
+    before = sorted(os.listdir(tmp_path))
+    with pytest.raises(SystemExit) as e:
+        main(argv + extra)
+    err = capsys.readouterr().err
+    errors = [ln for ln in err.splitlines() if "error:" in ln]
+    assert e.value.code == 2 and len(errors) == 1 and needle in errors[0], err
+    assert sorted(os.listdir(tmp_path)) == before          # nothing written
+    assert (tmp_path / "in" / "frames" / "notes.txt").read_text() == "keep me"
+
+
+def test_cli_replaces_an_earlier_frame_folder_whole(tmp_path, capsys):
+    from cogvideox.__main__ import main
+
+    out = tmp_path / "clip"
+    out.mkdir()
+    (out / "frame_0099.png").write_bytes(b"old")       # a frame of an earlier, longer run
+    assert main(TINY_RUN + ["--prompt", "a", "--out", str(out)]) == 0
+    written = [ln[len("wrote: "):] for ln in capsys.readouterr().out.splitlines() if ln.startswith("wrote: ")]
+    assert sorted(os.listdir(out)) == [f"frame_{i:04d}.png" for i in range(len(written))] and len(written) < 99
+    assert sorted(os.listdir(tmp_path)) == ["clip"]     # no temporary left beside it
+
+
+# ---- outputs are never half-written ------------------------------------------------------------------------
+def test_failed_frame_folder_leaves_nothing(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from cogvideox import pipeline as P
+
+    frames = torch.randint(0, 256, (3, 4, 6, 3), dtype=torch.uint8).numpy()
+    calls = []
+    real_save = Image.Image.save
+
+    def save_then_fail(self, path, *a, **k):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return real_save(self, path, *a, **k)
+
+    monkeypatch.setattr(Image.Image, "save", save_then_fail)
+    with pytest.raises(OSError, match="No space"):
+        P.save_frames(frames, str(tmp_path / "clip"))
+    assert os.listdir(tmp_path) == []                       # neither the folder nor its temporary
+    assert os.path.dirname(calls[0]) != str(tmp_path / "clip")   # frames went to a temporary folder
+    monkeypatch.setattr(Image.Image, "save", real_save)
+    assert len(P.save_frames(frames, str(tmp_path / "clip"))) == 3 and os.listdir(tmp_path) == ["clip"]
+
+
+def test_failed_mp4_leaves_nothing(tmp_path, monkeypatch):
+    import types
+
+    from cogvideox import pipeline as P
+
+    class Writer:
+        def __init__(self, path):
+            self.f = open(path, "wb")
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def append_data(self, frame):
+            if self.f.tell():
+                raise RuntimeError("ffmpeg died")
+            self.f.write(frame.tobytes())
+
+    monkeypatch.setitem(sys.modules, "imageio", types.SimpleNamespace(get_writer=lambda p, **k: Writer(p)))
+    monkeypatch.setattr(P, "_have", lambda *m: True)
+    (tmp_path / "v.mp4").write_bytes(b"an earlier video")
+    frames = torch.randint(0, 256, (3, 4, 6, 3), dtype=torch.uint8).numpy()
+    with pytest.raises(RuntimeError, match="ffmpeg died"):
+        P.save_frames(frames, str(tmp_path / "v.mp4"))
+    assert os.listdir(tmp_path) == ["v.mp4"] and (tmp_path / "v.mp4").read_bytes() == b"an earlier video"
+
+
+# ---- the transformer's argument errors ---------------------------------------------------------------------
+def test_transformer_input_errors_name_the_argument():
+    model = _tiny_model()
+    x, text = torch.randn(1, 1, 4, 8, 12), torch.randn(1, 5, 24)
+    with pytest.raises(ValueError, match="batch"):
+        model(x[:0], text[:0], torch.tensor([], dtype=torch.int64))
+    with pytest.raises(TypeError, match="timestep"):
+        model(x, text, None)
+    with pytest.raises(TypeError, match="timestep"):
+        model(x, text, "500")
+    with pytest.raises(ValueError, match="timestep"):
+        model(x, text, float("nan"))
+    assert model(x, text, 500).shape == x.shape
+
+
+# ---- fast --help, bench --compare on a bad file ------------------------------------------------------------
+@pytest.mark.parametrize("module,argv", [("cogvideox", ["generate", "--help"]), ("cogvideox", ["--help"]),
+                                         ("bench", ["--help"])])
+def test_help_does_not_import_torch(module, argv):
+    code = ("import runpy, sys; sys.argv = [%r] + %r\n"
+            "try:\n    runpy.run_module(%r, run_name='__main__')\nexcept SystemExit as e:\n    assert e.code == 0\n"
+            "assert 'torch' not in sys.modules, 'torch was imported'\nprint('ok')") % (module, argv, module)
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60, cwd=ROOT)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-2000:]
+    assert "usage:" in r.stdout
+
+
+def test_bench_compare_with_a_file_that_is_not_json(tmp_path, capsys):
+    from bench.cli import main
+
+    bad = tmp_path / "old.json"
+    for content in (b"not json at all", b"\xff\xfe", b"[]"):
+        bad.write_bytes(content)
+        for argv in (["--compare", str(bad), "--against", str(bad)], ["--compare", str(bad), "kernels"]):
+            assert main(argv + ["--out", str(tmp_path / "run")]) == 2
+            err = capsys.readouterr().err
+            assert err.startswith("error: ") and str(bad) in err and "Traceback" not in err, err
+    assert not (tmp_path / "run").exists()
