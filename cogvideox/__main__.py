@@ -88,10 +88,12 @@ def check_args(parser, a):
         _fail(parser, f"--image {a.image}: no such file")
     if not 1 <= a.steps <= 1000:
         _fail(parser, f"--steps must be in [1, 1000], got {a.steps}")
-    if a.guidance < 0:
-        _fail(parser, f"--guidance must be >= 0, got {a.guidance}")
-    if a.fps is not None and a.fps <= 0:
-        _fail(parser, f"--fps must be > 0, got {a.fps}")
+    try:   # inf guidance writes NaN frames; NaN guidance would silently turn CFG off
+        P.check_number("--guidance", a.guidance, 0.0)
+        if a.fps is not None:
+            P.check_number("--fps", a.fps, 0.0, strict=True)
+    except ValueError as e:
+        _fail(parser, str(e))
     if a.parallel is not None:
         from .parallel import Parallel, ParallelError
 
@@ -111,15 +113,16 @@ def check_args(parser, a):
             _fail(parser, f"--device {a.device}: CUDA is not available here")
 
     if a.model is not None:
-        from .weights import CheckpointError, read_config
+        from .weights import CheckpointError, parse_config, read_config
 
         need_t5 = a.prompt is not None
         try:
             P.check_model_dir(a.model, need_text_encoder=need_t5)
-            cfg = TransformerConfig.from_diffusers_config(read_config(os.path.join(a.model, "transformer")))
+            tdir = os.path.join(a.model, "transformer")
+            cfg = parse_config(tdir, read_config(tdir), TransformerConfig.from_diffusers_config)
             factors = P.read_vae_factors(os.path.join(a.model, "vae"))
             P.read_scheduler_config(a.model)
-        except (FileNotFoundError, ValueError, CheckpointError) as e:
+        except (FileNotFoundError, ValueError, TypeError, CheckpointError) as e:
             _fail(parser, str(e))
     else:
         cfg = TransformerConfig.preset(a.preset)
@@ -141,15 +144,22 @@ def check_args(parser, a):
     return cfg, factors
 
 
-def _load_embeds(path: str, parser):
+def _load_embeds(path: str, parser, cfg):
+    """(prompt_embeds, negative_prompt_embeds or None) from a .safetensors or .pt file, every check made here
+    (before any model loads): readable, tensors where tensors belong, (B, L, D) with B, L > 0, D = the model's
+    text width, floating point and finite, the negative shaped like the positive."""
     import torch
 
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
 
-        data = load_file(path)
-    else:
-        data = torch.load(path, map_location="cpu", weights_only=True)
+            data = load_file(path)
+        else:
+            data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:   # safetensors, pickle and zip errors have no common base: any failure is "unreadable"
+        _fail(parser, f"--prompt-embeds {path}: cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+              if str(e) else f"--prompt-embeds {path}: cannot be read ({type(e).__name__})")
     if isinstance(data, torch.Tensor):
         data = {"prompt_embeds": data}
     if not isinstance(data, dict) or "prompt_embeds" not in data:
@@ -157,12 +167,63 @@ def _load_embeds(path: str, parser):
     out = []
     for key in ("prompt_embeds", "negative_prompt_embeds"):
         t = data.get(key)
+        if t is not None and not isinstance(t, torch.Tensor):
+            _fail(parser, f"--prompt-embeds {path}: {key} must be a tensor, got {type(t).__name__}")
         if t is not None and t.dim() == 2:
             t = t[None]
-        if t is not None and t.dim() != 3:
-            _fail(parser, f"--prompt-embeds {path}: {key} must be (B, L, D), got {tuple(t.shape)}")
+        if t is not None and (t.dim() != 3 or 0 in t.shape[:2]):
+            _fail(parser, f"--prompt-embeds {path}: {key} must be (B, L, D) with B, L > 0, got {tuple(t.shape)}")
+        if t is not None and not (t.is_floating_point() and bool(torch.isfinite(t).all())):
+            _fail(parser, f"--prompt-embeds {path}: {key} must hold finite floating-point numbers ({t.dtype})")
         out.append(t)
-    return out
+    pos, neg = out
+    if pos.shape[2] != cfg.text_embed_dim or (neg is not None and neg.shape != pos.shape):
+        _fail(parser, f"--prompt-embeds: prompt_embeds {tuple(pos.shape)} / negative "
+                      f"{None if neg is None else tuple(neg.shape)} do not fit a model with text width "
+                      f"{cfg.text_embed_dim}")
+    return pos, neg
+
+
+def _load_image(path: str, parser, height: int, width: int):
+    """The --image file, decoded and resized now, so that a file that is not an image fails before any model."""
+    from PIL import Image, UnidentifiedImageError
+
+    from . import pipeline as P
+
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return P.prepare_image(img, height, width)
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+        _fail(parser, f"--image {path}: not a readable image ({e})")
+
+
+def _vae_available() -> bool:
+    try:   # the VAE module is optional: without it the latents are saved instead of a video
+        from .vae import CogVideoXVAE  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _output_paths(a, batch: int, with_vae: bool) -> list[tuple[str, bool]]:
+    """(path, is a folder) of everything save_outputs will write."""
+    from . import pipeline as P
+
+    extra = [(a.save_latents, False)] if a.save_latents is not None else []
+    if not with_vae:
+        return [(os.path.splitext(a.out)[0] + ".latents.safetensors", False)] + extra
+    return [P.output_target(_numbered(a.out, i, batch)) for i in range(batch)] + extra
+
+
+def _check_outputs(parser, a, batch: int, with_vae: bool) -> None:
+    from . import pipeline as P
+
+    for path, folder in _output_paths(a, batch, with_vae):
+        try:
+            P.check_output(path, folder)
+        except ValueError as e:
+            _fail(parser, f"--out {a.out}: {e}")
 
 
 def generate_command(parser, a) -> int:
@@ -187,18 +248,19 @@ def generate_command(parser, a) -> int:
             a.no_progress = True
     dtype_name = a.dtype if a.dtype != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     dtype = getattr(torch, DTYPES[dtype_name])
+    # every input is read and checked before any model loads: nothing fails after minutes of loading or sampling
     pos = neg = None
     if a.prompt_embeds is not None:
-        pos, neg = _load_embeds(a.prompt_embeds, parser)
-        L, D = pos.shape[1:]
-        if D != cfg.text_embed_dim or (neg is not None and neg.shape != pos.shape):
-            _fail(parser, f"--prompt-embeds: prompt_embeds {tuple(pos.shape)} / negative "
-                          f"{None if neg is None else tuple(neg.shape)} do not fit a model with text width "
-                          f"{cfg.text_embed_dim}")
+        pos, neg = _load_embeds(a.prompt_embeds, parser, cfg)
         no_t5 = a.random_init or not os.path.isdir(os.path.join(a.model, "text_encoder"))
         if neg is None and a.guidance > 1 and no_t5:
             _fail(parser, "--guidance > 1 needs negative_prompt_embeds in the --prompt-embeds file (or a model "
                           "with a text encoder to encode --negative-prompt)")
+    with_vae = _vae_available()
+    if a.image is not None and not with_vae:
+        _fail(parser, "--image needs the VAE (cogvideox.vae) to encode the image")
+    image = _load_image(a.image, parser, a.height, a.width) if a.image is not None else None
+    _check_outputs(parser, a, pos.shape[0] if pos is not None else 1, with_vae)
     generator = torch.Generator().manual_seed(a.seed)   # CPU generator: the same noise on every device
 
     if a.random_init:
@@ -248,13 +310,8 @@ def generate_command(parser, a) -> int:
         transformer, vae, factors, snr = m.transformer, m.vae, m.factors, m.snr_shift_scale
     pos = pos.to(device=device, dtype=dtype)
     neg = neg.to(device=device, dtype=dtype) if neg is not None else None
-    image = None
-    if a.image is not None:
-        if vae is None:
-            _fail(parser, "--image needs the VAE (cogvideox.vae) to encode the image")
-        from PIL import Image
-
-        image = P.prepare_image(Image.open(a.image), a.height, a.width).expand(pos.shape[0], -1, -1, -1)
+    if image is not None:
+        image = image.expand(pos.shape[0], -1, -1, -1)
 
     out = P.generate(transformer, pos, neg, num_frames=a.frames, height=a.height, width=a.width, steps=a.steps,
                      guidance_scale=a.guidance, use_dynamic_cfg=a.dynamic_cfg, sampler=a.sampler,
@@ -265,8 +322,8 @@ def generate_command(parser, a) -> int:
     if a.save_latents is not None:
         from safetensors.torch import save_file
 
-        os.makedirs(os.path.dirname(os.path.abspath(a.save_latents)), exist_ok=True)
-        save_file({"latents": out.latents[:, out.dropped_frames:].float().contiguous().cpu()}, a.save_latents)
+        with P.atomic_output(a.save_latents) as tmp:
+            save_file({"latents": out.latents[:, out.dropped_frames:].float().contiguous().cpu()}, tmp)
         print(f"wrote: {a.save_latents}")
     written = save_outputs(out, a, cfg)
     for p in written:
@@ -290,8 +347,8 @@ def save_outputs(out, a, cfg) -> list[str]:
         from safetensors.torch import save_file
 
         path = os.path.splitext(a.out)[0] + ".latents.safetensors"
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        save_file({"latents": out.latents[:, out.dropped_frames:].float().contiguous().cpu()}, path)
+        with P.atomic_output(path) as tmp:
+            save_file({"latents": out.latents[:, out.dropped_frames:].float().contiguous().cpu()}, tmp)
         print("no VAE available (cogvideox.vae not importable): saving the latents (B, F, C, h, w), not a video")
         return [path]
     frames = P.to_uint8(out.video)

@@ -392,6 +392,8 @@ class CogVideoXTransformer(nn.Module):
                 raise TypeError(f"{name} has dtype {t.dtype} but the model's parameters are {dtype}")
         B, Fr, C, H, W = latents.shape
         p, pt = cfg.patch_size, cfg.patch_size_t or 1
+        if B == 0:
+            raise ValueError(f"latents has an empty batch (B = 0), shape {tuple(latents.shape)}")
         if C != cfg.in_channels:
             raise ValueError(f"latents must be (B, F, C={cfg.in_channels}, H, W) (frames before channels), "
                              f"got {tuple(latents.shape)}")
@@ -403,6 +405,12 @@ class CogVideoXTransformer(nn.Module):
                              f"{cfg.sample_width}, got {H} x {W} (diffusers refuses this too)")
         if text.shape[0] != B or text.shape[2] != cfg.text_embed_dim:
             raise ValueError(f"text must be (B={B}, L, {cfg.text_embed_dim}), got {tuple(text.shape)}")
+        numbers = timestep if isinstance(timestep, (list, tuple)) else [timestep]
+        if not isinstance(timestep, torch.Tensor) and not all(
+                isinstance(t, (int, float)) and not isinstance(t, bool) for t in numbers):
+            raise TypeError(f"timestep must be a number or a tensor of numbers, got {type(timestep).__name__}")
+        if not isinstance(timestep, torch.Tensor) and not all(math.isfinite(t) for t in numbers):
+            raise ValueError(f"timestep must be finite, got {timestep}")
         timestep = torch.as_tensor(timestep, device=latents.device)
         if timestep.dim() == 0:
             timestep = timestep.expand(B)

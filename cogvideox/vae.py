@@ -28,7 +28,7 @@ from kernels import causal_pad3d, causal_pad3d_ref, group_norm_silu_pad, group_n
 
 from .config import VAEConfig
 from .scheduler import randn
-from .weights import assign_state, check_state_dict, parse_config, read_checkpoint
+from .weights import assign_state, check_dtype, check_state_dict, parse_config, read_config, read_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -465,8 +465,9 @@ def load_vae(path: str, dtype: torch.dtype | None = None, device=None, use_kerne
     dtype None keeps the checkpoint's dtype when all its tensors share one, else float32 (as load_transformer).
     Every missing, unexpected or mis-shaped key, or an unreadable file, is reported in one CheckpointError.
     """
-    raw, state = read_checkpoint(path)
-    config = parse_config(path, raw, VAEConfig.from_diffusers_config)
+    check_dtype(dtype)
+    config = parse_config(path, read_config(path), VAEConfig.from_diffusers_config)   # before the tensors
+    state = read_state_dict(path)
     with torch.device("meta"):
         model = CogVideoXVAE(config, use_kernels)
     check_state_dict({k: v.shape for k, v in model.state_dict().items()}, state, path)

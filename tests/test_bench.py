@@ -126,7 +126,8 @@ def test_vae_flops_match_torch_flop_counter_on_diffusers_vae():
     torch.manual_seed(0)
     vae = diffusers.AutoencoderKLCogVideoX(**dataclasses.asdict(cfg)).eval()
     # odd and even latent counts (decode chunks 3, 2 / 2, 2), 9 and 12 frames (encode chunks 9 / 12), batch 2
-    for kind, shape in (("decode", (1, 16, 5, 4, 6)), ("decode", (2, 16, 4, 2, 4)), ("encode", (1, 3, 9, 16, 24)),
+    c = cfg.latent_channels
+    for kind, shape in (("decode", (1, c, 5, 4, 6)), ("decode", (2, c, 4, 2, 4)), ("encode", (1, 3, 9, 16, 24)),
                         ("encode", (2, 3, 12, 16, 16))):
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
             x = torch.randn(*shape)
