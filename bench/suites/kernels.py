@@ -19,6 +19,8 @@ DIT = {"2b": {"dim": 1920, "heads": 30}, "5b": {"dim": 3072, "heads": 48}}
 DIT_SMALL = {"2b": {"dim": 256, "heads": 4}, "5b": {"dim": 384, "heads": 6}}
 FULL = {"batch": 2, "text_len": 226, "grid": (13, 30, 45), "vae": (1, 128, 9, 480, 720)}
 SMALL = {"batch": 2, "text_len": 16, "grid": (3, 6, 8), "vae": (1, 32, 5, 24, 36)}
+# How cogvideox.vae pads H and W around its k3 convs: in the padded copy (1, 1) or inside the conv (0, 0).
+VAE_PAD_HW = (1, 1)
 BACKENDS = {"eager": "diffusers' op sequence, eager", "compile": "torch.compile(<op>_ref)"}
 
 
@@ -293,3 +295,97 @@ def notes(ctx: Context) -> list[str]:
 
 SUITE = Suite("kernels", "fused ops fwd/bwd/fwd+bwd vs diffusers' eager ops and torch.compile (GB/s, % of copy)",
               cases, notes)
+
+
+# ---- static: what the sm_90 builds at the real launch arguments predict (no GPU needed) -------------------------
+
+def _meta(*shape, dtype=torch.bfloat16):
+    return torch.empty(*shape, device="meta", dtype=dtype)
+
+
+def static_cases(models=("2b", "5b")) -> list[tuple]:
+    """(op, model/shape tag, pass, launcher, args, minimum bytes) at CogVideoX's shapes, bf16 on meta tensors: the
+    arguments the model's own calls pass (rope3d gets the strided q slice of the fused QKV output; the VAE ops run
+    as cogvideox.vae calls them, on the first decoder chunk at 480 x 720 and on the latent-resolution block)."""
+    import kernels.causal_pad3d as _  # noqa: F401  (registers the modules the launchers live in)
+    import sys
+    ea, rp = sys.modules["kernels.expert_adaln"], sys.modules["kernels.rope3d"]
+    cp, gn = sys.modules["kernels.causal_pad3d"], sys.modules["kernels.group_norm_silu_pad"]
+    B, L, grid = FULL["batch"], FULL["text_len"], FULL["grid"]
+    S = L + grid[0] * grid[1] * grid[2]
+    out = []
+    for m in models:
+        D, H = DIT[m]["dim"], DIT[m]["heads"]
+        x, mod, w = _meta(B, S, D), _meta(B, 2, D), _meta(D)
+        tag = f"{m} {B}x{S}x{D}"
+        nb = flops.expert_adaln_bytes(B, S, D, 2)
+        out += [("expert_adaln", tag, "fwd", ea.expert_adaln_fwd, (x, None, None, mod, mod, L, w, w, 1e-5), nb["fwd"]),
+                ("expert_adaln", tag, "bwd", ea.expert_adaln_bwd, (x, None, x, None, None, mod, L, w, w, 1e-5),
+                 nb["bwd"])]
+        nb = flops.expert_adaln_residual_bytes(B, S, D, 2)
+        out += [("expert_adaln_residual", tag, "fwd", ea.expert_adaln_fwd, (x, x, mod, mod, mod, L, w, w, 1e-5),
+                 nb["fwd"]),
+                ("expert_adaln_residual", tag, "bwd", ea.expert_adaln_bwd, (x, x, x, x, mod, mod, L, w, w, 1e-5),
+                 nb["bwd"])]
+        Dh = D // H
+        q = _meta(B, S, 3, H, Dh)[:, :, 0]                       # (B, S, H, Dh), the model's strided q slice
+        start, step, wq = _meta(3, dtype=torch.float32), _meta(3, dtype=torch.float32), _meta(Dh)
+        axes = rp.default_axes_dim(Dh)
+        nb = flops.rope3d_bytes(B, S, H, Dh)
+        tag = f"{m} {B}x{S}x{H}x{Dh} qkv-slice"
+        out += [("rope3d", tag, "fwd", rp.rope3d_fwd, (q, L, grid, start, step, 10000.0, axes, wq, wq, 1e-6),
+                 nb["fwd"]),
+                ("rope3d", tag, "bwd", rp.rope3d_bwd,
+                 (_meta(B, S, H, Dh), q, L, grid, start, step, 10000.0, axes, wq, wq, 1e-6), nb["bwd"])]
+    for shape, groups in (((1, 128, 9, 480, 720), 32), ((1, 512, 3, 60, 90), 32)):
+        Bv, C, T, Hv, Wv = shape
+        ph = VAE_PAD_HW
+        xs, tag = _meta(*shape), "x".join(map(str, shape))
+        Tp, Ho, Wo = T + 2, Hv + 2 * ph[0], Wv + 2 * ph[1]
+        dout, dnc = _meta(Bv, C, Tp, Ho, Wo), _meta(Bv, C, 2, Hv, Wv)
+        nb = flops.causal_pad3d_bytes(Bv, C, T, Hv, Wv, 3, ph)
+        out += [("causal_pad3d", f"{tag} pad{ph[0]}", "fwd", cp.causal_pad3d_fwd, (xs, 3, None, *ph, "first"),
+                 nb["fwd"]),
+                ("causal_pad3d", f"{tag} pad{ph[0]}", "bwd", cp.causal_pad3d_bwd,
+                 (dout, dnc, T, 3, *ph, "first", False), nb["bwd"])]
+        cw, mean = _meta(C), _meta(Bv, groups, dtype=torch.float32)
+        nb = flops.group_norm_silu_pad_bytes(Bv, C, T, Hv, Wv, 3, ph, zq=True)
+        out += [("group_norm_silu_pad+zq", f"{tag} pad{ph[0]}", "fwd", gn.group_norm_silu_pad_fwd,
+                 (xs, groups, cw, cw, 1e-6, 3, None, *ph, xs, xs, True), nb["fwd"]),
+                ("group_norm_silu_pad+zq", f"{tag} pad{ph[0]}", "bwd", gn.group_norm_silu_pad_bwd,
+                 (dout, dnc, xs, cw, cw, xs, xs, mean, mean, groups, 3, False, *ph, True), nb["bwd"])]
+    return out
+
+
+def static_rows(models=("2b", "5b"), filter: str | None = None) -> list[dict]:
+    """One row per (op, shape, pass): the launches' builds summed up (see kernels._static)."""
+    from kernels import _static
+    rows = []
+    for op, tag, pass_, launcher, args, must in static_cases(models):
+        if filter and filter not in f"{op} {tag}":
+            continue
+        builds = _static.inspect_launcher(launcher, *args)
+        moved = sum(b.bytes_moved for b in builds)
+        rows.append({"op": op, "shape": tag, "pass": pass_, "builds": builds, "must": must, "moved": moved,
+                     "passes": _static.passes(builds)})
+    return rows
+
+
+def format_static(rows: list[dict]) -> str:
+    """The static table: per launch registers, spills, warps, resident programs per SM (H100), SASS global access
+    widths; per op the minimum bytes against the bytes its launches move (the copy-bandwidth bound)."""
+    from kernels._static import widths
+    head = ("| op | shape | pass | kernel | grid | warps | regs | spill | smem | progs/SM | LDG bits x n | "
+            "STG bits x n | MB moved | MB min | min/moved |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        for i, b in enumerate(r["builds"]):
+            first = i == 0
+            lines.append("| " + " | ".join([
+                r["op"] if first else "", r["shape"] if first else "", r["pass"] if first else "", b.name,
+                "x".join(map(str, b.grid)), str(b.num_warps), str(b.n_regs),
+                "yes" if b.spills else "no", str(b.shared), str(b.resident), widths(b.ldg), widths(b.stg),
+                f"{b.bytes_moved / 1e6:.0f}",
+                f"{r['must'] / 1e6:.0f}" if first else "",
+                f"{r['must'] / max(r['moved'], 1):.0%}" if first else ""]) + " |")
+    return "\n".join(lines)
