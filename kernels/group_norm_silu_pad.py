@@ -430,7 +430,7 @@ def group_norm_silu_pad(x, num_groups, weight=None, bias=None, eps=1e-6, kernel_
                         zq_scale=None, zq_shift=None, silu=True):
     """x: (B, C, T, H, W); weight, bias: (C,); zq_scale, zq_shift: (B, C, T, H, W) or None
     -> (out (B, C, T+kernel_t-1, H+2ph, W+2pw), new_cache (B, C, kernel_t-1, H, W))."""
-    _check_pad(x, kernel_t, cache, tuple(pad_hw), "first")
+    _check_pad(x, kernel_t, cache, pad_hw, "first")
     if x.numel() == 0:
         raise ValueError(f"x must not be empty (GroupNorm statistics of no elements), got shape {tuple(x.shape)}")
     C = x.shape[1]
