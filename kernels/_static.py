@@ -12,9 +12,10 @@ The build runs in kernels._aot's compiler child (no TRITON_INTERPRET), and the r
 - programs resident per SM on an H100: min over 65,536 registers (allocated per warp in units of 256), 228 KB of
   shared memory (1 KB reserved per block), 64 warps and 32 blocks;
 - the global load / store instructions in the SASS by width (LDG / LDGSTS / STG: 128, 64, 32, 16 or 8 bits);
-- which pointer arguments the kernel loads from and stores to (from the TTIR: the roots of the pointers that
-  reach tt.load / tt.store), hence the bytes the launch moves: one pass = every element of that argument's tensor
-  once. Repeated reads of the same element inside one launch (served by L2) are not counted.
+- which pointer arguments the kernel loads blocks from and stores blocks to (from the TTIR: the roots of the
+  pointer blocks that reach tt.load / tt.store; scalar loads, one element a program, are left out), hence the
+  bytes the launch moves: one pass = every element of that argument's tensor once. Repeated reads of the same
+  element inside one launch (served by L2) are not counted.
 """
 from __future__ import annotations
 
@@ -58,6 +59,7 @@ class Built:
     reads: dict                    # pointer argument -> bytes of its tensor (one pass)
     writes: dict
     specialized: dict = field(default_factory=dict)   # arg -> "D" (divisible by 16) or "1" (constant)
+    ttir: str = field(default="", repr=False)
 
     @property
     def spills(self) -> bool:
@@ -188,8 +190,8 @@ def _pointer_roots(ttir: str, arg_names: list) -> tuple[set, set]:
     loads, stores = set(), set()
     for ln in body:
         for kind, target in (("tt.load", loads), ("tt.store", stores)):
-            m = re.search(rf"{kind} (%[A-Za-z0-9_]+)", ln)
-            if m:
+            m = re.search(rf"{kind} (%[A-Za-z0-9_]+).* : (tensor<)?", ln)
+            if m and m.group(2):        # a block of pointers; a scalar load (one element a program) is no pass
                 target |= roots.get(m.group(1), set())
     return loads, stores
 
@@ -229,7 +231,8 @@ def _build_job(module: str, name: str, args: list, kwargs: dict) -> dict:
     return {"n_regs": int(m.group(1)), "stack_bytes": int(m.group(2)), "shared": int(compiled.metadata.shared),
             "local_bytes": int(m.group(4)), "num_warps": int(compiled.metadata.num_warps),
             "ldg": ldg, "stg": stg, "reads": {a: nbytes(a) for a in names if a in loads},
-            "writes": {a: nbytes(a) for a in names if a in stores}, "specialized": spec}
+            "writes": {a: nbytes(a) for a in names if a in stores}, "specialized": spec,
+            "ttir": compiled.asm["ttir"]}
 
 
 _built: dict = {}

@@ -20,7 +20,7 @@ DIT_SMALL = {"2b": {"dim": 256, "heads": 4}, "5b": {"dim": 384, "heads": 6}}
 FULL = {"batch": 2, "text_len": 226, "grid": (13, 30, 45), "vae": (1, 128, 9, 480, 720)}
 SMALL = {"batch": 2, "text_len": 16, "grid": (3, 6, 8), "vae": (1, 32, 5, 24, 36)}
 # How cogvideox.vae pads H and W around its k3 convs: in the padded copy (1, 1) or inside the conv (0, 0).
-VAE_PAD_HW = (1, 1)
+VAE_PAD_HW = (0, 0)
 BACKENDS = {"eager": "diffusers' op sequence, eager", "compile": "torch.compile(<op>_ref)"}
 
 
