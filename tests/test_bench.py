@@ -413,7 +413,7 @@ def test_cpu_run_compares_against_itself(cpu_run, tmp_path, capsys):
     assert main(["kernels", "--filter", "causal_pad3d", "--out", str(tmp_path), "--budget", "0.01",
                  "--compare", str(out / "results.json")]) == 0
     text = (tmp_path / "compare.md").read_text()
-    assert "| kernels | causal_pad3d vae | eager | fwd |" in text
+    assert "| kernels | causal_pad3d vae 1x32x5x24x36 | eager | fwd |" in text
 
 
 def test_compile_rows_run_when_asked(tmp_path):

@@ -2,10 +2,12 @@
 
 Per op three implementations: "eager", the sequence of PyTorch ops diffusers 0.42.1 runs for the same work (two
 streams, each normalized and modulated, then the cat; LayerNorm then apply_rotary_emb with a precomputed table;
-the cat of first-frame copies then F.pad); "compile", torch.compile of the op's pure-torch reference; "ours", the
+the cat of first-frame copies and the clone of the conv cache, its Conv3d padding H and W itself); "compile", torch.compile of the op's pure-torch reference; "ours", the
 public op (Triton on CUDA). Throughput is GB/s over the minimum bytes (bench/flops.py) and % of the measured copy
 bandwidth. Shapes: CogVideoX-2B / -5B blocks (B = 2, S = 226 + 13x30x45 = 17,776, D = 1920 / 3072, 30 / 48 heads
-of 64) and the VAE's full-resolution pad (1, 128, 9, 480, 720); small stand-ins on a CPU.
+of 64; rope3d on the strided q slice of the fused (B, S, 3, H, Dh) QKV output, as the model calls it) and the
+VAE's full-resolution pad (1, 128, 9, 480, 720); small stand-ins on a CPU. Row names carry the shape they ran.
+`python -m bench kernels --static` prints what the sm_90 builds predict instead (static_rows, below).
 """
 from __future__ import annotations
 
@@ -88,7 +90,12 @@ def _grads_like(outs):
 
 
 def _leaf(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().clone().requires_grad_(True)
+    """A fresh leaf with t's strides (a strided view stays a strided view of a fresh buffer)."""
+    if t.is_contiguous():
+        return t.detach().clone().requires_grad_(True)
+    base = t._base if t._base is not None else t
+    view = base.detach().clone().as_strided(t.shape, t.stride(), t.storage_offset())
+    return view.requires_grad_(True)
 
 
 # ---- eager baselines: what diffusers runs (two streams, text first in the cat) ---------------------------------
@@ -107,11 +114,16 @@ def _eager_adaln_residual(enc, hid, a_enc, a_hid, gate, shift, scale, w, b, eps)
     return (enc, hid) + _eager_adaln(enc, hid, shift, scale, w, b, eps)
 
 
+def _tag(*dims) -> str:
+    return "x".join(map(str, dims))
+
+
 def _dit_case(op: str, model: str, shp: dict, ctx: Context) -> Case:
     B, L, grid = shp["batch"], shp["text_len"], shp["grid"]
     dims = (DIT if ctx.full else DIT_SMALL)[model]
     D, H = dims["dim"], dims["heads"]
     S = L + grid[0] * grid[1] * grid[2]
+    tag = f"{_tag(B, S, H, D // H)} qkv-slice" if op == "rope3d" else _tag(B, S, D)
     item = torch.tensor([], dtype=ctx.dtype).element_size()
     if op == "rope3d":
         shape = {"B": B, "S": S, "H": H, "Dh": D // H, "text_len": L, "grid": list(grid)}
@@ -169,12 +181,13 @@ def _dit_case(op: str, model: str, shp: dict, ctx: Context) -> Case:
                 [_leaf(t) for t in (x, y, gate, shift, scale, w, b)], _grads_like, nbytes, backend=backend, skip=why)
         return out
 
-    return Case(f"{op} {model}", shape, build, est_bytes=_est_bytes(nbytes))
+    return Case(f"{op} {model} {tag}", shape, build, est_bytes=_est_bytes(nbytes))
 
 
 def _rope_variants(ctx: Context, kernels, rnd, B, S, H, Dh, L, grid, nbytes) -> list[Variant]:
     from kernels.rope3d import default_axes_dim, rope3d_table
-    x = rnd(B, S, H, Dh)
+    # the model's q: a strided slice of the fused QKV projection, (B, S, 3, H, Dh)[:, :, 0]
+    x = rnd(B, S, 3, H, Dh)[:, :, 0]
     w, b = 1 + rnd(Dh, scale=0.1), rnd(Dh, scale=0.1)
     eps = 1e-6
     axes = default_axes_dim(Dh)
@@ -208,15 +221,17 @@ def _rope_variants(ctx: Context, kernels, rnd, B, S, H, Dh, L, grid, nbytes) -> 
 
 def _eager_pad(h, kt, pad_hw):
     # diffusers CogVideoXCausalConv3d: cat of kt - 1 first-frame copies, conv_cache = last kt - 1 frames (clone);
-    # the spatial zero padding its Conv3d does is an explicit F.pad here, so the output equals ours.
+    # its Conv3d pads H and W inside the convolution, so no F.pad is run here unless the op is asked to pad
     h = torch.cat([h[:, :, :1]] * (kt - 1) + [h], dim=2)
     cache = h[:, :, h.shape[2] - (kt - 1):].clone()
-    return F.pad(h, (pad_hw[1], pad_hw[1], pad_hw[0], pad_hw[0])), cache
+    if pad_hw[0] or pad_hw[1]:
+        h = F.pad(h, (pad_hw[1], pad_hw[1], pad_hw[0], pad_hw[0]))
+    return h, cache
 
 
 def _vae_case(op: str, ctx: Context, zq: bool = False) -> Case:
     B, C, T, H, W = (FULL if ctx.full else SMALL)["vae"]
-    kt, pad_hw, groups = 3, (1, 1), 32 if C >= 32 else C
+    kt, pad_hw, groups = 3, VAE_PAD_HW, 32 if C >= 32 else C
     item = torch.tensor([], dtype=ctx.dtype).element_size()
     if op == "causal_pad3d":
         nbytes = flops.causal_pad3d_bytes(B, C, T, H, W, kt, pad_hw, item)
@@ -274,7 +289,7 @@ def _vae_case(op: str, ctx: Context, zq: bool = False) -> Case:
                 + _variants(ctx, "compile", comp, leaves(), first, nbytes)
                 + _variants(ctx, "ours", ours, leaves(), first, nbytes, backend=backend, skip=why))
 
-    return Case(f"{name} vae", shape, build, est_bytes=_est_bytes(nbytes))
+    return Case(f"{name} vae {_tag(B, C, T, H, W)}", shape, build, est_bytes=_est_bytes(nbytes))
 
 
 def cases(ctx: Context) -> list[Case]:
@@ -342,7 +357,7 @@ def static_cases(models=("2b", "5b")) -> list[tuple]:
         ph = VAE_PAD_HW
         xs, tag = _meta(*shape), "x".join(map(str, shape))
         Tp, Ho, Wo = T + 2, Hv + 2 * ph[0], Wv + 2 * ph[1]
-        dout, dnc = _meta(Bv, C, Tp, Ho, Wo), _meta(Bv, C, 2, Hv, Wv)
+        dout, dnc = _meta(Bv, C, Tp, Ho, Wo), None          # as the bench: a gradient for out alone
         nb = flops.causal_pad3d_bytes(Bv, C, T, Hv, Wv, 3, ph)
         out += [("causal_pad3d", f"{tag} pad{ph[0]}", "fwd", cp.causal_pad3d_fwd, (xs, 3, None, *ph, "first"),
                  nb["fwd"]),
