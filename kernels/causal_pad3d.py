@@ -6,22 +6,30 @@ frame 0 (mode "first", CogVideoX's CausalConv3d) or zeros (mode "zeros"). Mode "
 all three dimensions (F.pad replicate) and takes no cache. new_cache is the last kernel_t - 1 frames of the
 temporally padded input, without spatial padding: what the next chunk needs.
 
-Fused: the torch.cat of front frames, F.pad and the .clone() of the cache become one pass that reads every input
-element once and writes out and new_cache once (diffusers does cat + pad + clone: three copies).
+Fused: the torch.cat of front frames (and F.pad, when asked to pad) and the .clone() of the cache become one pass
+that reads every input element once and writes out and new_cache once (diffusers does cat + clone: two copies).
 
-Kernel layout.
-- Forward: one program per output tile of BLOCK_H x BLOCK_W = 8 x 256 elements (2048; 8 warps, so one 16-byte bf16
-  vector per thread) of one (b, c, t_out) frame. Grid axis 0 = B*C*T_out*cdiv(H_out, BLOCK_H) (limit 2^31 - 1;
-  85,888 for the VAE's (1, 128, 9, 480, 720) chunk with kernel_t 3, pad 1), axis 1 = cdiv(W_out, BLOCK_W) (3 for
-  W_out = 722), so nothing comes near CUDA's 65535 limit on grid y/z. The source frame (x, cache or zeros) is uniform
-  per program, so choosing it is a scalar decision and the tile is a masked copy, contiguous along W for loads and
-  stores. Frames that belong to new_cache are stored a second time from the same registers. Tiles are kept small
-  because the copy needs bytes in flight, not work per thread: 26-80 registers on sm_90 let 8 blocks share an SM.
+Kernel layout. What the sm_90 builds compile to at the VAE's launch arguments is in kernels._static
+(`python -m bench kernels --static`; tests/test_inspect.py keeps it).
+- Flat kernels, no spatial pad (how cogvideox.vae calls it: the conv pads H and W itself, as diffusers' does) and
+  contiguous (H, W) frames: a frame is a flat run of H*W elements, so one program copies BLOCK = 2048 elements
+  (8 warps, one 16-byte bf16 vector a thread) of one output frame; grid = B*C*T_out*cdiv(H*W, 2048) (237,952
+  for the VAE's (1, 128, 9, 480, 720) chunk). Frame sizes and strides arrive divided by VEC (the widest vector,
+  at most 16 bytes, that all of them are multiples of) and are multiplied back by the constexpr: triton's launcher
+  marks only multiples of 16, and H*W = 5400 at 60 x 90 is a multiple of 8, not 16. Every load and store is then
+  a 128-bit LDG / STG (24-30 registers, 8 programs an SM). Backward: the same tiling over the input frames.
+- 2-D kernels, a spatial pad: one program per output tile of BLOCK_H x BLOCK_W = 8 x 256 elements of one
+  (b, c, t_out) frame. Grid axis 0 = B*C*T_out*cdiv(H_out, BLOCK_H) (limit 2^31 - 1), axis 1 =
+  cdiv(W_out, BLOCK_W), so nothing comes near CUDA's 65535 limit on grid y/z. The source frame (x, cache or
+  zeros) is uniform per program, so choosing it is a scalar decision and the tile is a masked copy. The w - pad
+  shift and the padded row pitch (722 at 720) leave these accesses 2-byte scalars: the reason the VAE does not
+  pad here.
+- Frames that belong to new_cache are stored a second time from the same registers.
 - Backward: a gather, hence deterministic. One program per tile of an *input* frame q: q < T is frame q of x,
   q >= T is frame q - T of cache. Each element sums the output-grad elements that were copied from it: its own
   padded position, the front frames when it is x's frame 0 in mode "first"/"replicate", the replicated border rows
   and columns in mode "replicate", and new_cache's grad when its padded frame is among the last kernel_t - 1.
-  Sums are in fp32, rounded once at the store. Same tiles.
+  Sums are in fp32, rounded once at the store.
 - Offsets: program ids are cast to int64 and every frame's base offset is int64: the VAE's full-resolution
   activation (1 x 128 x 49 x 480 x 720) has 2.17e9 elements. Offsets inside one frame stay int32 (the launcher
   checks that a frame spans < 2^31 elements), which halves the per-element index registers.

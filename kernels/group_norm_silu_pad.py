@@ -6,28 +6,39 @@ CausalConv3d):
     h   = h * zq_scale + zq_shift                          SpatialNorm3D: zq_scale = conv_y(zq), zq_shift = conv_b(zq)
     h   = silu(h)                                          (if silu)
     out, new_cache = causal_pad3d(h, kernel_t, cache, pad_hw, mode="first")
-fp32 inside, one rounding to x.dtype at the store. Fused: diffusers runs group_norm, two elementwise ops, silu, cat,
-pad and clone (~7 passes over the activation); here it is one read for the statistics and one read + one write.
+fp32 inside, one rounding to x.dtype at the store. Fused: diffusers runs group_norm, two elementwise ops, silu, cat
+and clone (~6 passes over the activation); here it is one read for the statistics and one read + one write.
 
-Kernel layout (forward, three launches):
-1. _gn_stats_kernel: one program per chunk of one (b, c, t) frame: CHUNK = ITERS x BLOCK elements (BLOCK <= 1024,
-   ITERS <= 8, 8 warps), so one video with 32 groups still fills a GPU: the VAE's (1, 128, 9, 480, 720) chunk runs
-   128 x 9 x 43 = 49,536 programs, (1, 512, 3, 60, 90) 1,536. Each lane runs Welford over its ITERS values and the
-   lanes are merged once with Chan's formula into the program's (count, mean, M2): no sum of squares of 10^7 - 10^8
-   values is ever formed (a group of the full-resolution VAE activation holds 4 x 49 x 480 x 720 = 6.8e7).
+Statistics are of d = x - shift, shift = the group's first element, kept as stats = (shift, mean(d)) and applied as
+(x - shift) - mean(d): exact for a constant group (out = bias; a mean rounded to fp32 left 0.70 at 12345.678, and
+torch 2.13's CPU F.group_norm gives -0.83 there, fp32, 1x4x2x3x8, 2 groups), no cancellation far from zero. The
+pure-torch path computes the same way.
+
+Kernel layout (forward, three launches; the sm_90 builds at the VAE's launch arguments are in kernels._static):
+1. _gn_stats_kernel: one program per chunk of one (b, c, t) frame: CHUNK = ITERS x BLOCK elements (BLOCK <= 2048,
+   8 warps: one 16-byte bf16 vector a thread; ITERS <= 8), so one video with 32 groups still fills a GPU: the
+   VAE's (1, 128, 9, 480, 720) chunk runs 128 x 9 x 22 = 25,344 programs, (1, 512, 3, 60, 90) 1,536. Per lane
+   sums of d and d^2 (two FMAs an element), per program (count, mean, M2 = sum d^2 - mean sum d). Contiguous
+   frames are walked flat (no division per element) with sizes and strides divided by VEC (see causal_pad3d).
 2. _gn_combine_kernel: one program per (b, group) merges its Cg x T x n_chunks partials in a fixed order (total
    count and mean first, then M2 = sum(M2_i + n_i (mean_i - mean)^2)): deterministic, fp32, numerically safe.
-3. _gn_apply_kernel: the causal_pad3d forward tiling (8 x 256 output tiles of one (b, c, t_out) frame, 8 warps):
-   normalize, affine, modulate, SiLU, zero the spatial border, store out and, for the last kernel_t - 1 frames,
+3. Without a spatial pad (how cogvideox.vae calls it) and with contiguous frames, _gn_apply_flat_kernel: the
+   causal_pad3d flat tiling (2048 elements of one output frame a program, 128-bit loads and stores); else
+   _gn_apply_kernel on causal_pad3d's 2-D tiles (8 x 256 output tiles, scalar accesses at padded row pitches).
+   Normalize, affine, modulate, SiLU, (zero the spatial border), store out and, for the last kernel_t - 1 frames,
    new_cache. Front frames are the cache (copied as is) or the normalized frame 0.
+x is read twice (statistics, normalize): a group (25 MB at 480 x 720) must be complete before any output, and no
+group stays on chip, so that is the minimum (bench/flops.py counts it).
 Backward (deterministic, no atomics): dy is gathered from the output grad (its own padded position, the front
 frames for frame 0 without a cache, new_cache's grad), never scattered.
-1. _gn_bwd_kernel, DX=0 (stats tiling): recompute h, write dzq_scale = dm * a and dzq_shift = dm, and per program
-   the partial sums of da and da * xhat (a = affine output, m = modulated, da = dL/da).
+1. _gn_bwd_kernel, DX=0 (stats tiling, BLOCK 1024 at 4 warps: 8 elements a thread): recompute h, write
+   dzq_scale = dm * a and dzq_shift = dm, and per program the partial sums of da and da * xhat (a = affine
+   output, m = modulated, da = dL/da).
 2. torch sums over the partials axis (fixed order): dweight, dbias, and the per-group means of dxhat and
    dxhat * xhat that the GroupNorm backward needs.
 3. _gn_bwd_kernel, DX=1 (stats tiling, recomputing h rather than storing da): dx = rstd (da w - mean(dxhat) -
-   xhat mean(dxhat xhat)).
+   xhat mean(dxhat xhat)). Two passes over dout, x and zq are the minimum: the group means must be complete before
+   any dx, and keeping da between the passes would cost an fp32 write and read of x's size.
 dcache is the causal_pad3d backward restricted to the cache frames.
 Offsets: frame base offsets are int64 (2.17e9-element activations); offsets inside one frame are int32.
 """

@@ -16,7 +16,7 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # (kernel_t, T, pad_hw, with_cache): CogVideoX's k3/pad 1 convs on a first chunk (T = 1, 3) and a cached chunk,
 # k1 (no temporal pad), k2, T < kernel_t - 1 (the cache then holds front frames), an uneven spatial pad
 CASES = [(3, 1, (1, 1), False), (3, 3, (1, 1), True), (1, 2, (0, 0), False), (2, 3, (2, 1), True),
-         (4, 2, (0, 1), True), (3, 2, (1, 0), False), (3, 3, (0, 0), True), (3, 1, (0, 0), False)]
+         (4, 2, (0, 1), True), (3, 2, (1, 0), False), (4, 2, (0, 0), True), (3, 1, (0, 0), False)]
 # the interpreter is slow: modes CogVideoX does not use get the cases that exercise their own code paths
 # (the last two first-mode cases: no spatial pad, as the VAE calls it, so the flat kernels run)
 MODE_CASES = {"first": CASES, "zeros": [CASES[1], CASES[4], CASES[5], CASES[6]],

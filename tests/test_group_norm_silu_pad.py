@@ -1,5 +1,4 @@
 """group_norm_silu_pad: Triton kernels (interpreter) vs the reference; registration, compile, AOT sm_90, errors."""
-import re
 import sys
 
 import pytest
@@ -9,7 +8,7 @@ import torch.nn.functional as F
 
 import kernels.group_norm_silu_pad  # noqa: F401  (the package re-exports the function under the same name)
 from conftest import assert_parity
-from kernels.causal_pad3d import _tile, causal_pad3d_ref
+from kernels.causal_pad3d import causal_pad3d_ref
 from test_causal_pad3d import WHOLE_VIDEOS, poisoned_allocations  # noqa: F401 (a fixture)
 
 gn = sys.modules["kernels.group_norm_silu_pad"]

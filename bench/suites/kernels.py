@@ -2,9 +2,9 @@
 
 Per op three implementations: "eager", the sequence of PyTorch ops diffusers 0.42.1 runs for the same work (two
 streams, each normalized and modulated, then the cat; LayerNorm then apply_rotary_emb with a precomputed table;
-the cat of first-frame copies and the clone of the conv cache, its Conv3d padding H and W itself); "compile", torch.compile of the op's pure-torch reference; "ours", the
-public op (Triton on CUDA). Throughput is GB/s over the minimum bytes (bench/flops.py) and % of the measured copy
-bandwidth. Shapes: CogVideoX-2B / -5B blocks (B = 2, S = 226 + 13x30x45 = 17,776, D = 1920 / 3072, 30 / 48 heads
+the cat of first-frame copies and the clone of the conv cache, its Conv3d padding H and W itself); "compile",
+torch.compile of the op's pure-torch reference; "ours", the public op (Triton on CUDA). Throughput is GB/s over
+the minimum bytes (bench/flops.py) and % of the measured copy bandwidth. Shapes: CogVideoX-2B / -5B blocks (B = 2, S = 226 + 13x30x45 = 17,776, D = 1920 / 3072, 30 / 48 heads
 of 64; rope3d on the strided q slice of the fused (B, S, 3, H, Dh) QKV output, as the model calls it) and the
 VAE's full-resolution pad (1, 128, 9, 480, 720); small stand-ins on a CPU. Row names carry the shape they ran.
 `python -m bench kernels --static` prints what the sm_90 builds predict instead (static_rows, below).
@@ -322,8 +322,9 @@ def static_cases(models=("2b", "5b")) -> list[tuple]:
     """(op, model/shape tag, pass, launcher, args, minimum bytes) at CogVideoX's shapes, bf16 on meta tensors: the
     arguments the model's own calls pass (rope3d gets the strided q slice of the fused QKV output; the VAE ops run
     as cogvideox.vae calls them, on the first decoder chunk at 480 x 720 and on the latent-resolution block)."""
-    import kernels.causal_pad3d as _  # noqa: F401  (registers the modules the launchers live in)
     import sys
+
+    import kernels  # noqa: F401  (imports the modules the launchers live in)
     ea, rp = sys.modules["kernels.expert_adaln"], sys.modules["kernels.rope3d"]
     cp, gn = sys.modules["kernels.causal_pad3d"], sys.modules["kernels.group_norm_silu_pad"]
     B, L, grid = FULL["batch"], FULL["text_len"], FULL["grid"]
