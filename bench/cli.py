@@ -163,8 +163,12 @@ def _static(args) -> int:
     if names != ["kernels"]:
         print("error: --static applies to the kernels suite alone: python -m bench kernels --static", file=sys.stderr)
         return 2
-    from .suites.kernels import format_static, static_rows
-    print(format_static(static_rows(tuple(_split(args.models)), args.filter)))
+    from .suites.kernels import DIT, format_static, static_rows
+    models = tuple(_split(args.models))
+    if not models or any(m not in DIT for m in models):
+        print(f"error: unknown model size(s) in {args.models!r}; choose from {', '.join(DIT)}", file=sys.stderr)
+        return 2
+    print(format_static(static_rows(models, args.filter)))
     return 0
 
 

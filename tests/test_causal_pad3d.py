@@ -126,6 +126,18 @@ def test_every_output_element_written(triton_kernels, poisoned_allocations, mode
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("path", ["triton", "torch"])
+def test_replicate_with_an_empty_frame(monkeypatch, path):
+    """H = 0 in mode "replicate" (nothing to pad along H): both paths return the empty results and gradients
+    (the pure-torch path crashed in F.pad(mode="replicate"))."""
+    monkeypatch.setenv("COGVIDEOX_KERNELS", path)
+    x = torch.randn(1, 2, 3, 0, 5, requires_grad=True)
+    out, nc = causal_pad3d(x, 3, None, (0, 1), "replicate")
+    assert out.shape == (1, 2, 5, 0, 7) and nc.shape == (1, 2, 2, 0, 5)
+    (dx,) = torch.autograd.grad(out.sum() + nc.sum(), x)
+    assert dx.shape == x.shape
+
+
 def test_grad_from_out_only(triton_kernels):
     """new_cache unused: autograd passes no gradient for it."""
     x = torch.randn(1, 2, 2, 4, 5, requires_grad=True)
@@ -216,6 +228,7 @@ def test_vae_grid_fits():
     (lambda x: causal_pad3d(x, 3, mode="reflect"), ValueError, "mode"),
     (lambda x: causal_pad3d(x, 3, pad_hw=(1, -1)), ValueError, "pad_hw"),
     (lambda x: causal_pad3d(x, 3, pad_hw=(1,)), ValueError, "pad_hw"),
+    (lambda x: causal_pad3d(x, 3, pad_hw=1), ValueError, "pad_hw"),
     (lambda x: causal_pad3d(x, 3, torch.randn(1, 2, 2, 4, 5), mode="replicate"), ValueError, "no cache"),
     (lambda x: causal_pad3d(x, 3, torch.randn(1, 2, 1, 4, 5)), ValueError, "cache must have shape"),
     (lambda x: causal_pad3d(x, 3, torch.randn(1, 2, 2, 4, 5, dtype=torch.bfloat16)), TypeError, "dtype"),

@@ -306,6 +306,7 @@ def _bad(**overrides):
     (_bad(cache=torch.randn(1, 4, 1, 3, 5)), ValueError, "cache must have shape"),
     (_bad(kernel_t=0), ValueError, "kernel_t"),
     (_bad(pad_hw=(1, -1)), ValueError, "pad_hw"),
+    (_bad(pad_hw=1), ValueError, "pad_hw"),
     (_bad(silu=1), TypeError, "silu"),
     (_bad(eps=0.0), ValueError, "eps"),
     (_bad(x=torch.randn(1, 4, 2, 0, 5)), ValueError, "empty"),
