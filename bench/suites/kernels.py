@@ -4,8 +4,8 @@ Per op three implementations: "eager", the sequence of PyTorch ops diffusers 0.4
 streams, each normalized and modulated, then the cat; LayerNorm then apply_rotary_emb with a precomputed table;
 the cat of first-frame copies and the clone of the conv cache, its Conv3d padding H and W itself); "compile",
 torch.compile of the op's pure-torch reference; "ours", the public op (Triton on CUDA). Throughput is GB/s over
-the minimum bytes (bench/flops.py) and % of the measured copy bandwidth. Shapes: CogVideoX-2B / -5B blocks (B = 2, S = 226 + 13x30x45 = 17,776, D = 1920 / 3072, 30 / 48 heads
-of 64; rope3d on the strided q slice of the fused (B, S, 3, H, Dh) QKV output, as the model calls it) and the
+the minimum bytes (bench/flops.py) and % of the measured copy bandwidth. Shapes: CogVideoX-2B / -5B blocks
+(B = 2, S = 226 + 13x30x45 = 17,776, D = 1920 / 3072, 30 / 48 heads of 64; rope3d on the strided q slice of the fused (B, S, 3, H, Dh) QKV output, as the model calls it) and the
 VAE's full-resolution pad (1, 128, 9, 480, 720); small stand-ins on a CPU. Row names carry the shape they ran.
 `python -m bench kernels --static` prints what the sm_90 builds predict instead (static_rows, below).
 """
