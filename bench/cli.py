@@ -46,6 +46,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-compile", dest="compile", action="store_false",
                    help="skip the torch.compile rows (default on a CPU)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.add_argument("--static", action="store_true",
+                   help="kernels suite: print what the sm_90 builds at the real launch arguments predict (registers, "
+                        "occupancy, SASS access widths, bytes moved); runs nothing, needs no GPU")
     p.add_argument("--compare", default=None, metavar="OLD.json", help="print each row's ratio against OLD.json")
     p.add_argument("--against", default=None, metavar="NEW.json",
                    help="with --compare: compare two saved runs without running anything")
@@ -120,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
         for s in SUITES.values():
             print(f"{s.name:10s} {s.description}")
         return 0
+    if args.static:
+        return _static(args)
     try:
         if args.against:
             if not args.compare:
@@ -158,6 +163,20 @@ def main(argv: list[str] | None = None) -> int:
         with open(os.path.join(out_dir, "compare.md"), "w", encoding="utf-8") as f:
             f.write(text + "\n")
         print(text)
+    return 0
+
+
+def _static(args) -> int:
+    names = list(args.suite_names) + _split(args.suites)
+    if names != ["kernels"]:
+        print("error: --static applies to the kernels suite alone: python -m bench kernels --static", file=sys.stderr)
+        return 2
+    from .suites.kernels import DIT, format_static, static_rows
+    models = tuple(_split(args.models))
+    if not models or any(m not in DIT for m in models):
+        print(f"error: unknown model size(s) in {args.models!r}; choose from {', '.join(DIT)}", file=sys.stderr)
+        return 2
+    print(format_static(static_rows(models, args.filter)))
     return 0
 
 
