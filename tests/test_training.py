@@ -1,0 +1,157 @@
+"""Training utilities (cogvideox/training.py), activation checkpointing, autocast, and the train commands."""
+import functools
+import math
+
+import pytest
+import torch
+
+from cogvideox import scheduler, training
+from cogvideox.config import TransformerConfig
+from cogvideox.transformer import CogVideoXTransformer
+from tests.diffusers_models import randomize_
+
+TABLE = scheduler.alphas_cumprod(3.0)
+
+
+def _tensors(seed=0, shape=(3, 2, 4, 2, 3)):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(shape, generator=g, dtype=torch.float64) for _ in range(3)]
+
+
+# ---- losses ------------------------------------------------------------------------------------------------------
+
+def test_cogvideox_loss_by_hand():
+    """Element by element in Python floats: x0_hat = sqrt(a) x_t - sqrt(1-a) v, w = 1/(1-a), mean per sample."""
+    pred, x0, noise = _tensors()
+    t = torch.tensor([0, 417, 999])
+    x_t = scheduler.add_noise(TABLE, x0, noise, t)
+    per_sample = []
+    for b in range(3):
+        a = TABLE[int(t[b])].item()
+        terms = [(math.sqrt(a) * xt - math.sqrt(1 - a) * v - c) ** 2 / (1 - a)
+                 for xt, v, c in zip(x_t[b].flatten().tolist(), pred[b].flatten().tolist(), x0[b].flatten().tolist())]
+        per_sample.append(sum(terms) / len(terms))
+    expected = sum(per_sample) / 3
+    got = training.cogvideox_loss(TABLE, pred.float(), x0.float(), x_t.float(), t)
+    assert got.dtype == torch.float32 and got.dim() == 0
+    assert abs(got.item() - expected) <= 1e-5 * expected
+
+
+def test_v_mse_by_hand_and_equal_to_the_weighted_x0_loss():
+    pred, x0, noise = _tensors(1)
+    t = torch.tensor([5, 500, 998])
+    terms = []
+    for b in range(3):
+        a = TABLE[int(t[b])].item()
+        terms += [(p - (math.sqrt(a) * n - math.sqrt(1 - a) * c)) ** 2
+                  for p, n, c in zip(pred[b].flatten().tolist(), noise[b].flatten().tolist(), x0[b].flatten().tolist())]
+    expected = sum(terms) / len(terms)
+    got = training.v_mse_loss(TABLE, pred.float(), x0.float(), noise.float(), t)
+    assert abs(got.item() - expected) <= 1e-5 * expected
+    # x0_hat - x0 = -sqrt(1 - a) (v_hat - v): the 1/(1-a) weight makes the CogVideoX loss the v-MSE (equal sizes
+    # per sample, so the mean of means is the mean)
+    x_t = scheduler.add_noise(TABLE, x0, noise, t)
+    weighted = training.cogvideox_loss(TABLE, pred.float(), x0.float(), x_t.float(), t)
+    assert abs(weighted.item() - expected) <= 1e-4 * expected
+
+
+def test_x0_from_v_inverts_add_noise():
+    _, x0, noise = _tensors(2)
+    t = torch.tensor([1, 300, 999])
+    x_t = scheduler.add_noise(TABLE, x0, noise, t)
+    v = scheduler.v_target(TABLE, x0, noise, t)
+    torch.testing.assert_close(training.x0_from_v(TABLE, x_t, v, t).double(), x0, rtol=1e-5, atol=1e-5)
+
+
+def test_loss_bad_input():
+    pred, x0, noise = _tensors()
+    with pytest.raises(ValueError, match="t must be"):
+        training.v_mse_loss(TABLE, pred, x0, noise, torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="t must lie"):
+        training.v_mse_loss(TABLE, pred, x0, noise, torch.tensor([0, 1, 1000]))
+    with pytest.raises(TypeError, match="t must be"):
+        training.v_mse_loss(TABLE, pred, x0, noise, torch.tensor([0.0, 1.0, 2.0]))
+    with pytest.raises(ValueError, match="pred"):
+        training.cogvideox_loss(TABLE, pred[:2], x0, x0, torch.tensor([0, 1, 2]))
+
+
+# ---- timestep sampling -------------------------------------------------------------------------------------------
+
+def test_explicit_uniform_intervals_tile_the_range():
+    for n in (1, 3, 7, 8):
+        spans = [training.timestep_interval(r, n) for r in range(n)]
+        assert spans[0][0] == 0 and spans[-1][1] == 1000
+        assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+        assert max(hi - lo for lo, hi in spans) - min(hi - lo for lo, hi in spans) <= 1
+    assert training.timestep_interval(2, 8) == (250, 375)
+
+
+def test_explicit_uniform_draws_inside_the_interval_and_covers_it():
+    g = torch.Generator().manual_seed(0)
+    t = training.explicit_uniform_timesteps(4000, rank=3, world_size=8, generator=g)
+    assert t.dtype == torch.int64 and t.shape == (4000,)
+    assert int(t.min()) == 375 and int(t.max()) == 499          # 125 values, 4000 draws: every one appears
+    counts = torch.bincount(t - 375, minlength=125).double()
+    assert counts.min() > 0 and counts.std() / counts.mean() < 0.3
+    # seedable: the same generator state gives the same draws
+    a = training.explicit_uniform_timesteps(16, 1, 4, torch.Generator().manual_seed(5))
+    b = training.explicit_uniform_timesteps(16, 1, 4, torch.Generator().manual_seed(5))
+    assert torch.equal(a, b)
+
+
+def test_uniform_timesteps():
+    t = training.uniform_timesteps(5000, torch.Generator().manual_seed(1))
+    assert t.dtype == torch.int64 and int(t.min()) >= 0 and int(t.max()) <= 999
+    assert 400 < t.double().mean() < 600
+    with pytest.raises(ValueError, match="rank"):
+        training.explicit_uniform_timesteps(2, rank=4, world_size=4)
+    with pytest.raises(ValueError, match="world_size"):
+        training.explicit_uniform_timesteps(2, rank=0, world_size=0)
+
+
+# ---- train_step --------------------------------------------------------------------------------------------------
+
+def tiny_model(seed=0, **overrides):
+    torch.manual_seed(seed)
+    cfg = TransformerConfig.preset("tiny", **overrides)
+    return randomize_(CogVideoXTransformer(cfg, use_kernels=False), seed).train(), cfg
+
+
+def tiny_batch(cfg, seed=0, B=2, frames=2, h=4, w=6):
+    g = torch.Generator().manual_seed(seed)
+    return {"latents": torch.randn(B, frames, cfg.in_channels, h, w, generator=g),
+            "prompt_embeds": torch.randn(B, cfg.max_text_seq_length, cfg.text_embed_dim, generator=g)}
+
+
+def test_train_step_matches_a_hand_written_step():
+    """train_step = noise + add_noise + forward + loss + backward + clip + step, with the generator's draws."""
+    model, cfg = tiny_model()
+    twin, _ = tiny_model()
+    batch = tiny_batch(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    opt2 = torch.optim.AdamW(twin.parameters(), lr=1e-3)
+    res = training.train_step(model, batch, opt, TABLE, generator=torch.Generator().manual_seed(7), max_grad_norm=0.5)
+
+    g = torch.Generator().manual_seed(7)
+    t = torch.randint(0, 1000, (2,), generator=g)
+    noise = torch.randn(batch["latents"].shape, generator=g)
+    x_t = scheduler.add_noise(TABLE, batch["latents"], noise, t)
+    pred = twin(x_t, batch["prompt_embeds"], t)
+    loss = training.cogvideox_loss(TABLE, pred, batch["latents"], x_t, t)
+    loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_(twin.parameters(), 0.5)
+    opt2.step()
+    assert torch.equal(res.timesteps, t) and res.loss == loss.item() and res.grad_norm == norm.item()
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_train_steps_lower_the_loss():
+    model, cfg = tiny_model(1)
+    batch = tiny_batch(cfg, 1)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    sampler = functools.partial(training.explicit_uniform_timesteps, rank=0, world_size=1)
+    # a fixed generator state per step: the same t and noise, so the loss curve measures fitting alone
+    losses = [training.train_step(model, batch, opt, TABLE, generator=torch.Generator().manual_seed(3),
+                                  sample_timesteps=sampler, loss="v-mse").loss for _ in range(15)]
+    assert losses[-1] < 0.7 * losses[0], losses
