@@ -29,6 +29,7 @@ from typing import Callable, NamedTuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 import kernels
 from kernels.expert_adaln import expert_rows
@@ -302,9 +303,13 @@ class CogVideoXTransformer(nn.Module):
 
     use_kernels: None = fused kernels on CUDA, pure-torch references on CPU; True = the public `kernels` ops;
     False = the references. attention_layout: "3d" (CogVideoX) or "2d+1d" (ablation; see CogVideoXBlock).
+    checkpointing: activation checkpointing while grad is enabled; 0 = off, k = blocks 0, k, 2k, ... recompute
+    their activations in backward (1 = every block; torch.utils.checkpoint, use_reentrant=False: exact, the
+    gradients are bitwise those without it). An attribute, so it can be changed between steps.
     """
 
-    def __init__(self, config: TransformerConfig, use_kernels: bool | None = None, attention_layout: str = "3d"):
+    def __init__(self, config: TransformerConfig, use_kernels: bool | None = None, attention_layout: str = "3d",
+                 checkpointing: int = 0):
         super().__init__()
         if not isinstance(config, TransformerConfig):
             raise TypeError(f"config must be a TransformerConfig, got {type(config).__name__}")
@@ -312,7 +317,10 @@ class CogVideoXTransformer(nn.Module):
             raise ValueError(f"attention_layout must be '3d' or '2d+1d', got {attention_layout!r}")
         if use_kernels not in (None, True, False):
             raise TypeError(f"use_kernels must be None, True or False, got {use_kernels!r}")
+        if isinstance(checkpointing, bool) or not isinstance(checkpointing, int) or checkpointing < 0:
+            raise ValueError(f"checkpointing must be an int >= 0 (0 off, k every k-th block), got {checkpointing!r}")
         self.config, self.use_kernels, self.attention_layout = config, use_kernels, attention_layout
+        self.checkpointing = checkpointing
         cfg, D = config, config.inner_dim
         self.patch_embed = PatchEmbed(cfg)
         self.embedding_dropout = nn.Dropout(cfg.dropout)
@@ -343,8 +351,10 @@ class CogVideoXTransformer(nn.Module):
             # As tensors, built here once (one host-to-device copy), outside the blocks: compiled blocks then take
             # the positions as data, and 1.0's fractional positions, new at every aspect ratio, do not recompile.
             rope = rope3d_positions(*rope_positions(cfg, grid), device=latents.device)   # (3,), (3,) fp32
-        for block in self.transformer_blocks:
-            x = block(x, emb, L, grid, rope, ops)                               # (B, S, D)
+        k = self.checkpointing if torch.is_grad_enabled() else 0
+        for i, block in enumerate(self.transformer_blocks):
+            x = (checkpoint(block, x, emb, L, grid, rope, ops, use_reentrant=False) if k and i % k == 0
+                 else block(x, emb, L, grid, rope, ops))                        # (B, S, D)
         x = self.norm_final(x[:, L:])                                           # (B, N, D) vision only
         shift, scale = self.norm_out.linear(F.silu(emb)).unflatten(1, (2, 1, -1)).unbind(1)   # (B, 1, D) each
         x = ops.expert_adaln(x, shift, scale, 0, weight=self.norm_out.norm.weight, bias=self.norm_out.norm.bias,

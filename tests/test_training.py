@@ -155,3 +155,54 @@ def test_train_steps_lower_the_loss():
     losses = [training.train_step(model, batch, opt, TABLE, generator=torch.Generator().manual_seed(3),
                                   sample_timesteps=sampler, loss="v-mse").loss for _ in range(15)]
     assert losses[-1] < 0.7 * losses[0], losses
+
+
+# ---- activation checkpointing --------------------------------------------------------------------------------
+
+def _grads(model, batch, t, seed=0):
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)                               # the dropout masks
+    out = model(batch["latents"], batch["prompt_embeds"], t)
+    (out.square().mean() + out.mean()).backward()
+    return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("every", [1, 2])
+@pytest.mark.parametrize("overrides", [{}, {"use_rotary_positional_embeddings": True, "dropout": 0.2}],
+                         ids=["2b", "5b-dropout"])
+def test_checkpointing_is_exact(every, overrides):
+    """Bitwise: the same output and every gradient, with dropout too (checkpoint replays the RNG state)."""
+    model, cfg = tiny_model(2, num_layers=3, **overrides)
+    batch, t = tiny_batch(cfg, 2), torch.tensor([10, 900])
+    out0, g0 = _grads(model, batch, t)
+    model.checkpointing = every
+    out1, g1 = _grads(model, batch, t)
+    assert torch.equal(out0, out1)
+    assert g0.keys() == g1.keys() and all(torch.equal(g0[n], g1[n]) for n in g0)
+
+
+def test_checkpointing_kernels(triton_kernels):
+    """The Triton kernels' custom autograd under recomputation (interpreter; one block, small grid)."""
+    model, cfg = tiny_model(3, num_layers=1, use_rotary_positional_embeddings=True)
+    model.use_kernels = True
+    batch, t = tiny_batch(cfg, 3, B=1, frames=1, h=2, w=4), torch.tensor([500])
+    out0, g0 = _grads(model, batch, t)
+    model.checkpointing = 1
+    out1, g1 = _grads(model, batch, t)
+    assert torch.equal(out0, out1) and all(torch.equal(g0[n], g1[n]) for n in g0)
+
+
+def test_checkpointing_recomputes_and_validates(monkeypatch):
+    import cogvideox.transformer as tr
+    calls = []
+    monkeypatch.setattr(tr, "checkpoint", lambda fn, *a, **k: calls.append(k) or fn(*a))
+    model, cfg = tiny_model(0, num_layers=4)
+    model.checkpointing = 3
+    batch = tiny_batch(cfg)
+    model(batch["latents"], batch["prompt_embeds"], torch.tensor([1, 2]))
+    assert calls == [{"use_reentrant": False}] * 2               # blocks 0 and 3
+    with torch.no_grad():                                        # no graph, nothing to checkpoint
+        model(batch["latents"], batch["prompt_embeds"], torch.tensor([1, 2]))
+    assert len(calls) == 2
+    with pytest.raises(ValueError, match="checkpointing"):
+        CogVideoXTransformer(cfg, checkpointing=-1)
