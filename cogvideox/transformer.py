@@ -201,8 +201,9 @@ class Attention(nn.Module):
         """h (B, S, D) -> q, k, v (B, S, H, Dh); q, k normed (all tokens) and rotated (vision tokens)."""
         q, k, v = self.to_qkv(h).unflatten(-1, (3, self.heads, -1)).unbind(2)
         if rope is None:
-            # No RoPE (2B): the LayerNorm is the whole op, and torch's is already one kernel.
-            return self.norm_q(q), self.norm_k(k), v
+            # No RoPE (2B): the LayerNorm is the whole op, and torch's is already one kernel. Under CUDA autocast
+            # LayerNorm returns fp32 while v is bf16; SDPA's autocast would cast q, k down anyway (as in diffusers).
+            return self.norm_q(q).to(v.dtype), self.norm_k(k).to(v.dtype), v
         start, step = rope
         q = ops.rope3d(q, text_len, grid, start, step, weight=self.norm_q.weight, bias=self.norm_q.bias,
                        eps=self.norm_q.eps)
@@ -357,6 +358,8 @@ class CogVideoXTransformer(nn.Module):
                  else block(x, emb, L, grid, rope, ops))                        # (B, S, D)
         x = self.norm_final(x[:, L:])                                           # (B, N, D) vision only
         shift, scale = self.norm_out.linear(F.silu(emb)).unflatten(1, (2, 1, -1)).unbind(1)   # (B, 1, D) each
+        # Under CUDA autocast norm_final returns fp32 and the Linear bf16: modulate in fp32, as diffusers does.
+        shift, scale = shift.to(x.dtype), scale.to(x.dtype)
         x = ops.expert_adaln(x, shift, scale, 0, weight=self.norm_out.norm.weight, bias=self.norm_out.norm.bias,
                              eps=self.norm_out.norm.eps)
         return unpatchify(self.proj_out(x), grid, p, pt)                      # (B, F, C_out, H, W)

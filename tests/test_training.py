@@ -1,14 +1,18 @@
 """Training utilities (cogvideox/training.py), activation checkpointing, autocast, and the train commands."""
+import contextlib
 import functools
 import math
+from unittest import mock
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from cogvideox import scheduler, training
 from cogvideox.config import TransformerConfig
 from cogvideox.transformer import CogVideoXTransformer
-from tests.diffusers_models import randomize_
+from conftest import assert_parity
+from diffusers_models import randomize_
 
 TABLE = scheduler.alphas_cumprod(3.0)
 
@@ -206,3 +210,77 @@ def test_checkpointing_recomputes_and_validates(monkeypatch):
     assert len(calls) == 2
     with pytest.raises(ValueError, match="checkpointing"):
         CogVideoXTransformer(cfg, checkpointing=-1)
+
+
+# ---- autocast ------------------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def cuda_like_autocast(dtype=torch.bfloat16):
+    """torch.autocast("cpu") with CUDA's policy for layer_norm: CPU autocast leaves layer_norm in the input dtype
+    (checked: bf16 in, bf16 out), CUDA's lists it among the fp32 ops (inputs upcast, fp32 out). nn.LayerNorm and
+    the kernels' references call torch.nn.functional.layer_norm, so patching that one function is enough."""
+    plain = F.layer_norm
+
+    def layer_norm(x, shape, weight=None, bias=None, eps=1e-5):
+        if not torch.is_autocast_enabled("cpu"):
+            return plain(x, shape, weight, bias, eps)
+        with torch.autocast("cpu", enabled=False):
+            return plain(x.float(), shape, None if weight is None else weight.float(),
+                         None if bias is None else bias.float(), eps)
+
+    with mock.patch.object(F, "layer_norm", layer_norm), torch.autocast("cpu", dtype=dtype):
+        yield
+
+
+def test_cuda_like_autocast_helper():
+    lin, ln = torch.nn.Linear(8, 8), torch.nn.LayerNorm(8)
+    with cuda_like_autocast():
+        h = lin(torch.randn(2, 8))
+        assert h.dtype == torch.bfloat16 and ln(h).dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert ln(lin(torch.randn(2, 8))).dtype == torch.bfloat16   # why the helper exists
+
+
+def _autocast_case(family, tmp_path, shape):
+    from cogvideox.weights import load_transformer
+    from diffusers_models import diffusers_rotary_emb, save_pretrained, tiny_diffusers_transformer
+
+    ref = tiny_diffusers_transformer(family, seed=4)
+    ours = load_transformer(save_pretrained(ref, tmp_path / family), dtype=torch.float32)
+    g = torch.Generator().manual_seed(4)
+    latents = torch.randn(shape, generator=g)
+    text, t = torch.randn(shape[0], 5, 24, generator=g), torch.tensor([700] * shape[0])
+    rotary = diffusers_rotary_emb(ref, shape)
+
+    def run(model, autocast, diffusers):
+        x = latents.clone().requires_grad_(True)
+        with cuda_like_autocast() if autocast else contextlib.nullcontext():
+            out = (model(x, text, t, image_rotary_emb=rotary, return_dict=False)[0] if diffusers
+                   else model(x, text, t))
+        out.float().square().mean().backward()
+        return out.detach().float(), x.grad
+    return ours, ref, run
+
+
+@pytest.mark.parametrize("family", ["2b", "5b"])
+def test_autocast_matches_diffusers(family, tmp_path):
+    """fp32 weights under bf16 autocast with fp32 LayerNorms (CUDA's policy): ours used to fail (2B: q, k, v must
+    share dtype; 5B kernels: shift bf16 vs x fp32). Output and input gradient within 2 x diffusers' own autocast
+    error vs fp32 (house rule)."""
+    ours, ref, run = _autocast_case(family, tmp_path, (2, 3, 4, 8, 12))
+    expected, expected_grad = run(ref, False, True)
+    plain, plain_grad = run(ref, True, True)
+    out, grad = run(ours, True, False)
+    assert_parity(out.bfloat16(), expected, plain.bfloat16(), atol=1e-3)
+    assert_parity(grad.bfloat16(), expected_grad, plain_grad.bfloat16(), atol=1e-5, name="d latents")
+
+
+def test_autocast_kernels(triton_kernels, tmp_path):
+    """The 5B kernel path (expert_adaln on the fp32 norm_final output) under the same autocast."""
+    ours, ref, run = _autocast_case("5b", tmp_path, (1, 1, 4, 2, 4))
+    ours.use_kernels = True
+    expected, expected_grad = run(ref, False, True)
+    plain, plain_grad = run(ref, True, True)
+    out, grad = run(ours, True, False)
+    assert_parity(out.bfloat16(), expected, plain.bfloat16(), atol=1e-3)
+    assert_parity(grad.bfloat16(), expected_grad, plain_grad.bfloat16(), atol=1e-5, name="d latents")
