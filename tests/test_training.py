@@ -284,3 +284,65 @@ def test_autocast_kernels(triton_kernels, tmp_path):
     out, grad = run(ours, True, False)
     assert_parity(out.bfloat16(), expected, plain.bfloat16(), atol=1e-3)
     assert_parity(grad.bfloat16(), expected_grad, plain_grad.bfloat16(), atol=1e-5, name="d latents")
+
+
+# ---- diffusers-format export ---------------------------------------------------------------------------------
+
+EXPORT_FAMILIES = {"2b": {}, "5b": {"use_rotary_positional_embeddings": True},
+                   "5b-i2v": {"use_rotary_positional_embeddings": True, "use_learned_positional_embeddings": True,
+                              "in_channels": 8},
+                   "1.5": {"use_rotary_positional_embeddings": True, "patch_size_t": 2, "patch_bias": False}}
+
+
+@pytest.mark.parametrize("family", sorted(EXPORT_FAMILIES))
+def test_save_transformer_loads_in_diffusers_and_back(family, tmp_path):
+    from diffusers import CogVideoXTransformer3DModel
+
+    from cogvideox.export import save_transformer
+    from cogvideox.weights import load_transformer
+    from diffusers_models import diffusers_rotary_emb
+
+    model, cfg = tiny_model(5, **EXPORT_FAMILIES[family])
+    model.eval()
+    path = save_transformer(model, tmp_path / "transformer")
+    back = load_transformer(path)
+    assert back.config == cfg
+    theirs_state, ours_state = back.state_dict(), model.state_dict()
+    assert theirs_state.keys() == ours_state.keys()
+    assert all(torch.equal(theirs_state[k], ours_state[k]) for k in ours_state)
+
+    ref = CogVideoXTransformer3DModel.from_pretrained(path).eval()    # strict: no missing / unexpected key
+    shape = (2, 4 if cfg.patch_size_t else 3, cfg.in_channels, 8, 12)
+    g = torch.Generator().manual_seed(5)
+    x, text, t = torch.randn(shape, generator=g), torch.randn(2, 5, 24, generator=g), torch.tensor([3, 811])
+    with torch.no_grad():
+        expected = ref(x, text, t, image_rotary_emb=diffusers_rotary_emb(ref, shape), return_dict=False)[0]
+        assert_parity(model(x, text, t), expected, rtol=1e-5, atol=0)
+
+
+def test_save_transformer_rejects_2d1d_and_non_models(tmp_path):
+    from cogvideox.export import save_transformer
+
+    cfg = TransformerConfig.preset("tiny")
+    with pytest.raises(ValueError, match="2d\\+1d"):
+        save_transformer(CogVideoXTransformer(cfg, attention_layout="2d+1d"), tmp_path)
+    with pytest.raises(TypeError, match="CogVideoXTransformer"):
+        save_transformer(torch.nn.Linear(2, 2), tmp_path)
+
+
+def test_save_vae_round_trip(tmp_path):
+    from diffusers import AutoencoderKLCogVideoX
+
+    from cogvideox.config import VAEConfig
+    from cogvideox.export import save_vae
+    from cogvideox.vae import CogVideoXVAE, load_vae
+
+    vae = randomize_(CogVideoXVAE(VAEConfig.preset("tiny", latent_channels=4)), 0)
+    path = save_vae(vae, tmp_path / "vae")
+    back = load_vae(path)
+    assert back.config == vae.config and all(torch.equal(a, b) for a, b in
+                                             zip(back.state_dict().values(), vae.state_dict().values()))
+    ref = AutoencoderKLCogVideoX.from_pretrained(path)
+    theirs = ref.state_dict()
+    assert theirs.keys() == vae.state_dict().keys()
+    assert all(torch.equal(theirs[k], v) for k, v in vae.state_dict().items())
