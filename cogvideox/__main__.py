@@ -52,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--fps", type=int, help="mp4 frame rate (default 8; 16 for 1.5 models)")
     run.add_argument("--no-progress", action="store_true")
     g.set_defaults(subparser=g)   # errors are reported with the subcommand's usage
+    from .train_cli import add_parsers
+    add_parsers(sub)              # train, encode-dataset
     return parser
 
 
@@ -297,6 +299,9 @@ def main(argv=None) -> int:
     a = parser.parse_args(argv)
     if a.command == "generate":
         return generate_command(a.subparser, a)
+    if a.command in ("train", "encode-dataset"):
+        from . import train_cli
+        return (train_cli.train_command if a.command == "train" else train_cli.encode_dataset_command)(a.subparser, a)
     return 1
 
 
