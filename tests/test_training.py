@@ -480,3 +480,64 @@ def test_encode_dataset_png_frames_with_precomputed_embeddings(tmp_path):
     assert len(LatentDataset(str(out))) == 2
     # and the folder trains
     assert _cli(*TRAIN, "--data", out, "--out", tmp_path / "run", "--steps", 2) == 0
+
+
+def _free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_train_cli_ddp_two_gloo_processes(tmp_path):
+    """torchrun, 2 CPU processes (gloo): one DDP step equals the step rebuilt by hand from both ranks' draws
+    (each rank: its own samples, its own timestep interval, its own noise; gradients averaged)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from cogvideox.train_cli import LatentDataset, sample_indices
+    from cogvideox.weights import load_transformer
+
+    data = make_dataset(tmp_path / "data", n=4)
+    run = tmp_path / "run"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), "-m", "cogvideox", *TRAIN, "--data", str(data), "--out", str(run),
+           "--steps", "1"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (record,) = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert all(0 <= t < 500 for t in record["timesteps"])              # rank 0's half of [0, 1000)
+    state = torch.load(run / "checkpoint-000001" / "training_state.pt", weights_only=False)
+    assert state["world"] == 2 and len(state["rng"]) == 2
+
+    torch.manual_seed(1)
+    model = CogVideoXTransformer(TransformerConfig.preset("tiny")).train()
+    dataset, grads, losses = LatentDataset(str(data)), [], []
+    for rank in range(2):
+        g = torch.Generator().manual_seed(1_000 + rank)
+        batch = dataset.batch(sample_indices(0, 1, rank, 2, 4, seed=1))
+        t = training.explicit_uniform_timesteps(1, rank, 2, generator=g)
+        noise = torch.randn(batch["latents"].shape, generator=g)
+        x_t = scheduler.add_noise(TABLE, batch["latents"], noise, t)
+        model.zero_grad()
+        loss = training.cogvideox_loss(TABLE, model(x_t, batch["prompt_embeds"], t), batch["latents"], x_t, t)
+        loss.backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+        losses.append(loss.item())
+    for p, g0, g1 in zip(model.parameters(), *grads):
+        p.grad = (g0 + g1) / 2
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=1e-4).step()
+    assert abs(record["loss"] - sum(losses) / 2) <= 1e-6 * abs(record["loss"])
+    trained = load_transformer(str(run / "checkpoint-000001" / "transformer"))
+    for (name, p), q in zip(model.named_parameters(), trained.parameters()):
+        if name.endswith("norm_k.bias"):
+            # A bias on every key shifts each query's logits by one constant: softmax ignores it, so its gradient
+            # is rounding noise (~1e-10) that AdamW's m / sqrt(v) turns into +-lr steps of arbitrary sign.
+            assert p.grad.abs().max() < 1e-8
+            continue
+        torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-8, msg=name)
