@@ -541,3 +541,54 @@ def test_train_cli_ddp_two_gloo_processes(tmp_path):
             assert p.grad.abs().max() < 1e-8
             continue
         torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-8, msg=name)
+
+
+def _tiny_t5(model_dir):
+    """A random 1-layer T5 encoder (d_model 24) and a word-level tokenizer, both built offline."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
+
+    words = ["<pad>", "</s>", "<unk>", "a", "cat", "on", "beach", "dog", "in", "the", "snow"]
+    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tk.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="</s>",
+                            unk_token="<unk>").save_pretrained(str(model_dir / "tokenizer"))
+    torch.manual_seed(0)
+    T5EncoderModel(T5Config(vocab_size=len(words), d_model=24, d_kv=8, d_ff=32, num_layers=1,
+                            num_heads=2)).save_pretrained(str(model_dir / "text_encoder"))
+
+
+def test_encode_dataset_with_t5_and_mp4(tmp_path):
+    """--model DIR with vae/, text_encoder/, tokenizer/ (a tiny T5 made here): prompts from NAME.txt."""
+    import numpy as np
+    from safetensors.torch import load_file
+
+    from cogvideox import pipeline as P
+    from cogvideox.config import VAEConfig
+    from cogvideox.export import save_vae
+    from cogvideox.vae import CogVideoXVAE
+
+    model_dir = tmp_path / "model"
+    save_vae(randomize_(CogVideoXVAE(VAEConfig.preset("tiny", latent_channels=4)), 0), model_dir / "vae")
+    _tiny_t5(model_dir)
+    videos = tmp_path / "videos"
+    _png_clip(videos / "cat", frames=6, h=40, w=40)
+    (videos / "cat.txt").write_text("a cat on a beach\n")
+    have_mp4 = P._have("imageio", "imageio_ffmpeg")
+    if have_mp4:
+        P.save_frames(np.random.default_rng(0).integers(0, 256, (9, 32, 32, 3), dtype=np.uint8),
+                      str(videos / "dog.mp4"))
+        (videos / "dog.txt").write_text("a dog in the snow")
+    out = tmp_path / "data"
+    assert _cli("encode-dataset", "--videos", videos, "--model", model_dir, "--out", out, "--max-text-length", 5,
+                "--height", 32, "--width", 48) == 0
+    cat = load_file(str(out / "cat.safetensors"))
+    assert cat["latents"].shape == (2, 4, 4, 6)                    # frames 6 -> the first 5 -> 2 latent frames
+    encoder, tokenizer = P.load_text_encoder(str(model_dir), torch.float32, "cpu")
+    expected = P.encode_prompt(encoder, tokenizer, ["a cat on a beach"], 5, "cpu", torch.float32)[0]
+    assert torch.equal(cat["prompt_embeds"], expected)
+    if have_mp4:
+        dog = load_file(str(out / "dog.safetensors"))
+        assert dog["latents"].shape == (3, 4, 4, 6)
+        assert not torch.equal(dog["prompt_embeds"], cat["prompt_embeds"])
