@@ -158,3 +158,27 @@ def train_step(model, batch: dict, optimizer: torch.optim.Optimizer, table: torc
         norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm))
     optimizer.step()
     return StepResult(float(value.detach()), norm, t.cpu())
+
+
+# ---- LoRA --------------------------------------------------------------------------------------------------
+
+# Our Linear names for CogVideoX's LoRA targets (its finetune code and diffusers' example adapt to_q, to_k, to_v,
+# to_out.0): here q, k, v are one fused Linear, so one rank-r adapter covers all three (diffusers: three rank-r).
+LORA_TARGETS = ("to_qkv", "to_out")
+
+
+def add_lora(model, rank: int = 128, alpha: float | None = None, targets=LORA_TARGETS):
+    """In place: peft LoRA adapters (optional package `peft`, the `train` extra) on the Linear layers whose name
+    ends in one of `targets`; every other parameter is frozen. rank 128, alpha = rank by default (CogVideoX's
+    finetune: rank 128, alpha 64). The adapters' B starts at zero, so the output is unchanged. Returns model."""
+    try:
+        from peft import LoraConfig, inject_adapter_in_model
+    except ImportError as e:
+        raise ImportError(f"add_lora needs peft (pip install peft, or the 'train' extra): {e}") from None
+    if not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"rank must be an int >= 1, got {rank!r}")
+    config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank, init_lora_weights=True,
+                        target_modules=list(targets))
+    model.requires_grad_(False)
+    inject_adapter_in_model(config, model)      # adapters are created trainable
+    return model

@@ -592,3 +592,24 @@ def test_encode_dataset_with_t5_and_mp4(tmp_path):
         dog = load_file(str(out / "dog.safetensors"))
         assert dog["latents"].shape == (3, 4, 4, 6)
         assert not torch.equal(dog["prompt_embeds"], cat["prompt_embeds"])
+
+
+def test_add_lora_trains_only_the_adapters():
+    pytest.importorskip("peft", reason="peft (the 'train' extra) is not installed")
+    model, cfg = tiny_model(6)
+    batch, t = tiny_batch(cfg, 6), torch.tensor([100, 600])
+    with torch.no_grad():
+        before = model(batch["latents"], batch["prompt_embeds"], t)
+    training.add_lora(model, rank=4)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n and (".to_qkv." in n or ".to_out." in n) for n in trainable)
+    assert len(trainable) == 2 * 2 * cfg.num_layers                  # A and B, two targets, every block
+    with torch.no_grad():
+        assert torch.equal(model(batch["latents"], batch["prompt_embeds"], t), before)   # B = 0 at init
+    frozen = {n: p.clone() for n, p in model.named_parameters() if not p.requires_grad}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(2):
+        training.train_step(model, batch, opt, TABLE, generator=torch.Generator().manual_seed(0))
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
+    with torch.no_grad():
+        assert not torch.equal(model(batch["latents"], batch["prompt_embeds"], t), before)
