@@ -613,3 +613,27 @@ def test_add_lora_trains_only_the_adapters():
     assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
     with torch.no_grad():
         assert not torch.equal(model(batch["latents"], batch["prompt_embeds"], t), before)
+
+
+# ---- the train benchmark suite -------------------------------------------------------------------------------
+
+def test_train_bench_suite_lists_and_runs_a_step():
+    from bench.runner import Context
+    from bench.suites import SUITES
+
+    suite = SUITES["train"]
+    ctx = Context(device=torch.device("cpu"), size="small", dtype=torch.float32, compile=False)
+    (case,) = [c for c in suite.cases(ctx) if c.name == "train-step 5b"]
+    variants = case.build()
+    assert {v.pass_ for v in variants} == {"train-full", "train-full-ckpt", "train-lora", "train-lora-ckpt"}
+    assert {v.impl for v in variants} == {"ours", "ours-eager", "diffusers", "diffusers-compile"}
+    assert all(v.skip for v in variants if "compile" in v.impl or v.impl == "ours")   # no compiling on CPU
+    assert all(v.paper is None for v in variants)              # the anchors are for the full-size 5B rows only
+    full = [c for c in suite.cases(Context(device=torch.device("cpu"), size="full", dtype=torch.bfloat16))
+            if c.name == "train-step 5b"][0]
+    assert full.shape["seq_len"] == 226 + 13 * 30 * 45
+    for v in variants:
+        if v.skip is None and v.pass_ in ("train-full-ckpt", "train-lora") and v.impl in ("ours-eager", "diffusers"):
+            step = v.make()
+            first, second = step().item(), step().item()
+            assert math.isfinite(first) and second != first          # the optimizer step changed the model
