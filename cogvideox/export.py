@@ -67,15 +67,16 @@ def _write(directory: str, config: dict, state: Dict[str, torch.Tensor]) -> str:
     return directory
 
 
-def save_transformer(model, directory: str, dtype: torch.dtype | None = None) -> str:
+def save_transformer(model, directory: str, dtype: torch.dtype | None = None, state_dict=None) -> str:
     """Write `model` (a CogVideoXTransformer, or a module wrapping one as `.module`, e.g. DDP) as a diffusers
-    CogVideoXTransformer3DModel directory; dtype None keeps the parameters' dtype. Returns the directory."""
+    CogVideoXTransformer3DModel directory; dtype None keeps the parameters' dtype. state_dict: the full state to
+    write instead of model.state_dict() (e.g. gathered from an FSDP-sharded model). Returns the directory."""
     from .transformer import CogVideoXTransformer
 
     model = getattr(model, "module", model)
     if not isinstance(model, CogVideoXTransformer):
         raise TypeError(f"model must be a CogVideoXTransformer, got {type(model).__name__}")
-    state = model.state_dict()
+    state = model.state_dict() if state_dict is None else state_dict
     if dtype is not None:
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     return _write(directory, transformer_config_to_diffusers(model.config),

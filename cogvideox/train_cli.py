@@ -14,8 +14,9 @@ A run directory: `log.jsonl` (one JSON line per step: step, loss, grad_norm, lr,
 `args.json`, and `checkpoint-NNNNNN/` every --save-every steps and at the end, each with `transformer/` in diffusers
 format (diffusers' CogVideoXTransformer3DModel.from_pretrained loads it) and `training_state.pt` (optimizer, LR
 schedule, step, and every rank's RNG states) from which `--resume` continues bit-exactly.
-Distributed: under torchrun (WORLD_SIZE > 1) the model is wrapped in DDP (NCCL on CUDA, gloo on CPU); each rank
-reads its own samples and draws timesteps in its own interval (Explicit Uniform Sampling, paper §3.3).
+Distributed: under torchrun (WORLD_SIZE > 1) the model is wrapped in DDP (NCCL on CUDA, gloo on CPU), or with --fsdp
+sharded by FSDP2 (fully_shard per block; checkpoints gather the full state on rank 0); each rank reads its own
+samples and draws timesteps in its own interval (Explicit Uniform Sampling, paper §3.3).
 """
 from __future__ import annotations
 
@@ -63,6 +64,9 @@ def add_parsers(sub) -> None:
                      help="activation checkpointing of every K-th block (0 off, 1 every block)")
     run.add_argument("--kernels", choices=["auto", "on", "off"], default="auto")
     run.add_argument("--compile", action="store_true", help="compile_blocks (torch.compile per block)")
+    run.add_argument("--fsdp", action="store_true",
+                     help="under torchrun: shard parameters, gradients and optimizer states (FSDP2 fully_shard "
+                          "per block) instead of DDP; for the 5B full fine-tune")
     run.add_argument("--save-every", type=int, default=0, help="also checkpoint every N steps (0: only at the end)")
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--device", default="auto", help="auto, cpu, cuda (under torchrun: cuda:LOCAL_RANK)")
@@ -208,6 +212,8 @@ def _check_train_args(parser, a):
             _fail(parser, f"--{name.replace('_', '-')} must be >= 0, got {getattr(a, name)}")
     if a.lr <= 0:
         _fail(parser, f"--lr must be > 0, got {a.lr}")
+    if a.fsdp and int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        _fail(parser, "--fsdp shards across processes: run under torchrun with --nproc_per_node >= 2")
     if a.resume == "latest":
         found = sorted(glob.glob(os.path.join(a.out, "checkpoint-*", STATE_NAME)))
         if not found:
@@ -262,6 +268,13 @@ def _save_checkpoint(a, d: Dist, model, optimizer, lr_schedule, generator, step,
     from .export import save_transformer
 
     path = os.path.join(a.out, f"checkpoint-{step:06d}")
+    model_state = optim_state = None
+    if a.fsdp:   # collectives: every rank takes part, rank 0 receives the full (unsharded) tensors on the CPU
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                             get_optimizer_state_dict)
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        model_state = get_model_state_dict(model, options=options)
+        optim_state = get_optimizer_state_dict(model, optimizer, options=options)
     rngs = [None] * d.world
     if d.world > 1:
         import torch.distributed as dist
@@ -269,9 +282,10 @@ def _save_checkpoint(a, d: Dist, model, optimizer, lr_schedule, generator, step,
     else:
         rngs = [_rng_state(generator)]
     if d.rank == 0:
-        save_transformer(model, os.path.join(path, "transformer"))
-        state = {"step": step, "optimizer": optimizer.state_dict(), "lr_schedule": lr_schedule.state_dict(),
-                 "rng": rngs, "world": d.world, "snr_shift": snr, "seed": a.seed}
+        save_transformer(model, os.path.join(path, "transformer"), state_dict=model_state)
+        state = {"step": step, "optimizer": optim_state if a.fsdp else optimizer.state_dict(),
+                 "lr_schedule": lr_schedule.state_dict(), "rng": rngs, "world": d.world, "snr_shift": snr,
+                 "seed": a.seed}
         torch.save(state, os.path.join(path, STATE_NAME + ".tmp"))
         os.replace(os.path.join(path, STATE_NAME + ".tmp"), os.path.join(path, STATE_NAME))
     d.barrier()
@@ -306,7 +320,13 @@ def train_command(parser, a) -> int:
         snr = _snr_shift(a, saved)
         table = scheduler.alphas_cumprod(snr)
         wrapped = model
-        if d.world > 1:
+        if a.fsdp:
+            from torch.distributed.fsdp import fully_shard
+            # torchtitan's recipe: each block is one all-gather / reduce-scatter unit, the root holds the rest
+            for block in model.transformer_blocks:
+                fully_shard(block)
+            fully_shard(model)
+        elif d.world > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
             wrapped = DDP(model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
         optimizer = torch.optim.AdamW(model.parameters(), lr=a.lr, betas=tuple(a.betas), eps=1e-8,
@@ -315,8 +335,13 @@ def train_command(parser, a) -> int:
         lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
         generator = torch.Generator().manual_seed(a.seed * 1_000 + d.rank)   # CPU: the same draws on every device
         start = 0
-        if saved is not None:
+        if saved is not None and a.fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+            set_optimizer_state_dict(model, optimizer, saved["optimizer"],
+                                     options=StateDictOptions(full_state_dict=True))
+        elif saved is not None:
             optimizer.load_state_dict(saved["optimizer"])
+        if saved is not None:
             lr_schedule.load_state_dict(saved["lr_schedule"])
             rng = saved["rng"][d.rank]
             generator.set_state(rng["generator"])

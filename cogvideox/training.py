@@ -155,7 +155,8 @@ def train_step(model, batch: dict, optimizer: torch.optim.Optimizer, table: torc
     value.backward()
     norm = None
     if max_grad_norm is not None:
-        norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm))
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+        norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)   # a DTensor under FSDP2
     optimizer.step()
     return StepResult(float(value.detach()), norm, t.cpu())
 
