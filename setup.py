@@ -29,6 +29,7 @@ setup(
         ],
         "bench": ["matplotlib", "diffusers==0.42.1"],
         "video": ["imageio", "imageio-ffmpeg"],
+        "train": ["peft"],
         "flash": ["flash-attn"],
         "xformers": ["xformers"],
     },

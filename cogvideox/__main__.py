@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "ring x cfg = the number of processes): torchrun --nproc-per-node N -m cogvideox generate "
                           "--parallel ... ; rank 0 writes the output")
     g.set_defaults(subparser=g)   # errors are reported with the subcommand's usage
+    from .train_cli import add_parsers
+    add_parsers(sub)              # train, encode-dataset
     return parser
 
 
@@ -399,6 +401,9 @@ def main(argv=None) -> int:
 
             if dist.is_available() and dist.is_initialized():
                 dist.destroy_process_group()
+    if a.command in ("train", "encode-dataset"):
+        from . import train_cli
+        return (train_cli.train_command if a.command == "train" else train_cli.encode_dataset_command)(a.subparser, a)
     return 1
 
 

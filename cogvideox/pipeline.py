@@ -114,7 +114,8 @@ def image_latents(vae, image: torch.Tensor, frames: int, cfg, factors: VaeFactor
     """I2V conditioning (B, F, C, h, w): the sampled, scaled image latent, then zeros for the other frames.
     image: (B, 3, H, W) in [-1, 1]. Consumes the generator (one `sample` per image) before the noise draw."""
     image = image.to(device=device, dtype=dtype)[:, :, None]                   # (B, 3, 1, H, W)
-    lat = torch.cat([vae.encode(img[None]).sample(generator) for img in image])  # (B, C, 1, h, w)
+    with torch.no_grad():
+        lat = torch.cat([vae.encode(img[None]).sample(generator) for img in image])  # (B, C, 1, h, w)
     lat = lat.to(dtype).permute(0, 2, 1, 3, 4)                                  # (B, 1, C, h, w)
     # "forgot to multiply the scaling factor during training" (diffusers): 1.5 divides instead of multiplying
     lat = (1 / factors.scaling_factor * lat) if factors.invert_scale_latents else (factors.scaling_factor * lat)

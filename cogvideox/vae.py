@@ -315,9 +315,11 @@ def free_memory(device: torch.device) -> int:
 
 
 class CogVideoXVAE(nn.Module):
-    """AutoencoderKLCogVideoX. use_kernels: None or True run the `kernels` ops (Triton on CUDA, references on
-    CPU; see kernels/_dispatch.py), False the pure-torch references. In eval mode (what `load_vae` returns)
-    encode and decode build no autograd graph."""
+    """AutoencoderKLCogVideoX. use_kernels, as in CogVideoXTransformer: None = the `kernels` ops on CUDA and the
+    pure-torch references on CPU; True = the `kernels` ops (Triton on CUDA; on CPU the references unless
+    kernels/_dispatch.py's environment selects the interpreter); False = the references. Eval mode (what
+    `load_vae` returns) only means no dropout: encode and decode build an autograd graph whenever grad is
+    enabled, so a latent-space loss gets gradients (run inference under torch.no_grad, as the pipeline does)."""
 
     def __init__(self, config: VAEConfig, use_kernels: bool | None = None, tiling: Tiling | None = None):
         super().__init__()
@@ -396,17 +398,17 @@ class CogVideoXVAE(nn.Module):
 
     def _run(self, kind, x, tiling, memory_budget, exact_groupnorm):
         per_sample, tiled = self.plan(kind, x.shape, x.dtype, x.device, tiling, memory_budget, exact_groupnorm)
-        with torch.set_grad_enabled(self.training and torch.is_grad_enabled()):
-            if per_sample:
-                return torch.cat([self._spatial(kind, s, tiled, exact_groupnorm) for s in x.split(1)])
-            return self._spatial(kind, x, tiled, exact_groupnorm)
+        if per_sample:
+            return torch.cat([self._spatial(kind, s, tiled, exact_groupnorm) for s in x.split(1)])
+        return self._spatial(kind, x, tiled, exact_groupnorm)
 
     def _temporal(self, net, x, chunk, exact_groupnorm):
         """Chunk by chunk through `net`, each causal conv's cache carried to the next chunk."""
         caches, spans, outs = {}, _frame_spans(x.shape[2], chunk, exact_groupnorm), []
         for n, (a, b) in enumerate(spans):
             part = x[:, :, a:b]
-            outs.append(net(part, _Chunk(caches, n == len(spans) - 1, self.use_kernels,
+            kernels = part.is_cuda if self.use_kernels is None else self.use_kernels
+            outs.append(net(part, _Chunk(caches, n == len(spans) - 1, kernels,
                                          zq=part if net is self.decoder else None)))
         return torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
 

@@ -387,7 +387,7 @@ def cpu_run(tmp_path_factory):
 def test_cpu_run_of_every_suite(cpu_run):
     out, doc = cpu_run
     results.validate(doc)
-    assert set(doc["suites"]) == {"kernels", "attention", "model", "vae", "e2e"}
+    assert set(doc["suites"]) == {"kernels", "attention", "model", "vae", "e2e", "train"}
     assert doc["device"]["type"] == "cpu" and doc["size"] == "small"
     assert doc["ceilings"]["copy_gbps"] > 0 and doc["ceilings"]["matmul_tflops"] > 0
     assert doc["environment"]["git"]["commit"] and doc["telemetry"]["reason"]
