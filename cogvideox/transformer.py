@@ -32,7 +32,6 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 import kernels
-from kernels.expert_adaln import expert_rows
 from kernels.rope3d import rope3d_positions
 
 from . import parallel as cp
@@ -234,6 +233,12 @@ class FeedForward(nn.Module):
         return self.net[2](self.net[1](F.gelu(self.net[0].proj(h), approximate="tanh")))
 
 
+class Residual(NamedTuple):
+    """A block's feed-forward residual, not yet added: the block's output is x + gate[e] * y."""
+    y: torch.Tensor      # (B, S, D) feed-forward output
+    gate: torch.Tensor   # (B, E, D) per-expert gate
+
+
 class CogVideoXBlock(nn.Module):
     """One expert transformer block on the joint sequence (see the module docstring).
 
@@ -264,14 +269,21 @@ class CogVideoXBlock(nn.Module):
             nn.init.zeros_(self.attn_temporal.to_out.bias)
 
     def forward(self, x, emb, text_len: int, grid, rope: Rope | None, ops: Ops, offset: int = 0,
-                seq_len: int | None = None, parallel=None):
-        """x (B, S, D) joint sequence, emb (B, time_embed_dim) -> (B, S, D).
+                seq_len: int | None = None, parallel=None, residual: Residual | None = None) -> tuple:
+        """x (B, S, D) joint sequence, emb (B, time_embed_dim) -> (x, Residual(ff, gate2)): the block's output is
+        x + gate2 * ff, left unsummed so that the next op (the next block's first norm, or the final norm) adds it
+        in the same pass as its LayerNorm (`expert_adaln_residual`): the sum is never a separate kernel.
+        residual: the previous block's pending (ff, gate2), added to x here.
 
         Context parallelism: x is this rank's shard, tokens [offset, offset + S) of a joint sequence of seq_len
         tokens; every op but attention is per token and takes the offset, attention() sees `parallel`."""
         shift1, scale1, gate1 = self.norm1(emb)                                # (B, 2, D) each
         shift2, scale2, gate2 = self.norm2(emb)
-        h = ops.expert_adaln(x, shift1, scale1, text_len, offset=offset, **self.norm1.affine())   # (B, S, D)
+        if residual is None:
+            h = ops.expert_adaln(x, shift1, scale1, text_len, offset=offset, **self.norm1.affine())   # (B, S, D)
+        else:
+            x, h = ops.expert_adaln_residual(x, residual.y, residual.gate, shift1, scale1, text_len, offset=offset,
+                                             **self.norm1.affine())
         if self.attn_temporal is None:
             rope_offset = offset if parallel is not None else None
             a = self.attn1(h, text_len, grid, rope, ops, rope_offset, seq_len, parallel)
@@ -281,7 +293,7 @@ class CogVideoXBlock(nn.Module):
             a = self.temporal_attention(h, text_len, grid, rope, ops)
         x, h = ops.expert_adaln_residual(x, a, gate1, shift2, scale2, text_len, offset=offset,
                                          **self.norm2.affine())
-        return x + expert_rows(gate2, text_len, x.shape[1], offset) * self.ff(h)
+        return x, Residual(self.ff(h), gate2)
 
     def spatial_attention(self, h, text_len, grid, rope, ops):
         """2d+1d stage 1: (B, S, D) -> (B, S, D); per frame, [text | frame tokens] attend to each other."""
@@ -378,10 +390,20 @@ class CogVideoXTransformer(nn.Module):
             # the positions as data, and 1.0's fractional positions, new at every aspect ratio, do not recompile.
             rope = rope3d_positions(*rope_positions(cfg, grid), device=latents.device)   # (3,), (3,) fp32
         k = self.checkpointing if torch.is_grad_enabled() else 0
+        residual = None
         for i, block in enumerate(self.transformer_blocks):
-            args = (x, emb, L, grid, rope, ops, start, S, parallel)
-            x = checkpoint(block, *args, use_reentrant=False) if k and i % k == 0 else block(*args)   # (B, s, D)
-        x = self.norm_final(x[:, max(L - start, 0):])                          # (B, n, D) vision only
+            args = (x, emb, L, grid, rope, ops, start, S, parallel, residual)
+            x, residual = checkpoint(block, *args, use_reentrant=False) if k and i % k == 0 else block(*args)
+        # The last block's residual and norm_final in one pass, on the vision rows only (the text stream is
+        # discarded): expert_adaln_residual with zero modulation is LN(x + gate * y) with norm_final's affine.
+        v0 = max(L - start, 0)                                                  # first vision row of the shard
+        if residual is None:                                                    # a model with no blocks
+            x = self.norm_final(x[:, v0:])
+        else:
+            zero = residual.gate.new_zeros(residual.gate.shape)
+            _, x = ops.expert_adaln_residual(x[:, v0:], residual.y[:, v0:], residual.gate, zero, zero, L,
+                                             offset=start + v0, weight=self.norm_final.weight,
+                                             bias=self.norm_final.bias, eps=self.norm_final.eps)   # (B, n, D)
         shift, scale = self.norm_out.linear(F.silu(emb)).unflatten(1, (2, 1, -1)).unbind(1)   # (B, 1, D) each
         # Under CUDA autocast norm_final returns fp32 and the Linear bf16: modulate in fp32, as diffusers does.
         shift, scale = shift.to(x.dtype), scale.to(x.dtype)
