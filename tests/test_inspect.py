@@ -134,3 +134,22 @@ def test_static_table_runs_on_cpu(capsys):
     text = capsys.readouterr().out
     assert "| causal_pad3d | 1x512x3x60x90 pad0 | fwd | _causal_pad3d_flat_fwd_kernel |" in text
     assert main(["attention", "--static"]) == 2
+
+
+def test_padded_2d_kernels_compile_without_spills_and_with_int64_frames():
+    """The 2-D kernels (a spatial pad, not how the VAE calls the ops) at the VAE's largest chunk: no spills, int64
+    frame offsets. Their accesses are 2-byte scalars at a padded row pitch, by design (see causal_pad3d)."""
+    B, C, T, H, W = 1, 128, 8, 480, 720
+    x, cache, w = _meta(B, C, T, H, W), _meta(B, C, 2, H, W), _meta(C)
+    dout, dnc = _meta(B, C, T + 2, H + 2, W + 2), _meta(B, C, 2, H, W)
+    stats, rstd = _meta(B, 32, 2, dtype=torch.float32), _meta(B, 32, dtype=torch.float32)
+    builds = (_static.inspect_launcher(cp.causal_pad3d_fwd, x, 3, cache, 1, 1, "first")
+              + _static.inspect_launcher(cp.causal_pad3d_bwd, dout, dnc, T, 3, 1, 1, "replicate", False)
+              + _static.inspect_launcher(gn.group_norm_silu_pad_fwd, x, 32, w, w, 1e-6, 3, cache, 1, 1, x, x, True)[2:]
+              + _static.inspect_launcher(gn.group_norm_silu_pad_bwd, dout, dnc, x, w, w, x, x, stats, rstd, 32, 3,
+                                         True, 1, 1, True))
+    assert [b.name for b in builds] == ["_causal_pad3d_fwd_kernel", "_causal_pad3d_bwd_kernel", "_gn_apply_kernel",
+                                        "_causal_pad3d_bwd_kernel", "_gn_bwd_kernel", "_gn_bwd_kernel"]
+    for b in builds:
+        assert not b.spills, (b.name, b.n_regs)
+        _int64_frames(b)

@@ -393,7 +393,12 @@ def format_static(rows: list[dict]) -> str:
     from kernels._static import widths
     head = ("| op | shape | pass | kernel | grid | warps | regs | spill | smem | progs/SM | LDG bits x n | "
             "STG bits x n | MB moved | MB min | min/moved |")
-    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    lines = ["sm_90 builds at CogVideoX's launch arguments, bf16, as triton's launcher specializes them "
+             "(kernels._static); nothing ran on a GPU: these are predictions.",
+             "progs/SM: resident programs per H100 SM; LDG / STG: global loads / stores in the SASS by width; "
+             "MB moved: per launch, one pass over each tensor it loads or stores as blocks; MB min: the op's minimum "
+             "(bench/flops.py); min/moved: the % of copy bandwidth the op reaches if every pass streams at copy speed.",
+             "", head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         for i, b in enumerate(r["builds"]):
             first = i == 0
