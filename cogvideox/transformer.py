@@ -205,9 +205,14 @@ class Attention(nn.Module):
         offset: h is the shard of the joint sequence starting at that token (context parallelism)."""
         q, k, v = self.to_qkv(h).unflatten(-1, (3, self.heads, -1)).unbind(2)
         if rope is None:
-            # No RoPE (2B): the LayerNorm is the whole op, and torch's is already one kernel. Under CUDA autocast
-            # LayerNorm returns fp32 while v is bf16; SDPA's autocast would cast q, k down anyway (as in diffusers).
-            return self.norm_q(q).to(v.dtype), self.norm_k(k).to(v.dtype), v
+            # No RoPE (2B): the q/k LayerNorm alone, through rope3d with every token "text" (nothing rotates): one
+            # pass over the strided q / k slices of the QKV output, where torch's LayerNorm would first copy them
+            # contiguous. Its output is in q's dtype, also under autocast (as v, which SDPA needs).
+            none = (torch.zeros(3, device=q.device),) * 2   # start, step: unused without vision tokens
+            return (ops.rope3d(q, q.shape[1], (0, 0, 0), *none, weight=self.norm_q.weight, bias=self.norm_q.bias,
+                               eps=self.norm_q.eps),
+                    ops.rope3d(k, k.shape[1], (0, 0, 0), *none, weight=self.norm_k.weight, bias=self.norm_k.bias,
+                               eps=self.norm_k.eps), v)
         start, step = rope
         q = ops.rope3d(q, text_len, grid, start, step, weight=self.norm_q.weight, bias=self.norm_q.bias,
                        eps=self.norm_q.eps, offset=offset)
