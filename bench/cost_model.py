@@ -49,8 +49,8 @@ Step time, predicted from the one-GPU step T1 (the same B, measured or quoted; n
   out * w_old, o * w_new, the sum) plus 2 (itemsize + 4) E for the first chunk's cast and the final one,
   E = Bc h S_r Dh (counted from _ulysses_exchange and _RingAttention.forward). memory_bw None: not counted.
 - Overlap: ring shifts run while the chunk in hand is attended (functional collectives are asynchronous on CUDA),
-  so each ring step costs max(attention of the chunk + its merge, shift); Ulysses' all-to-alls, the gather and the CFG gather
-  are on the critical path (the next op needs their result). `overlap=False` (CPU / gloo) adds everything.
+  so each ring step costs max(attention of the chunk + its merge, shift); Ulysses' all-to-alls, the gather and the
+  CFG gather are on the critical path (the next op needs their result). `overlap=False` (CPU / gloo) adds everything.
 - Per block: rest + ring steps + Ulysses; step = blocks x that + gather + CFG, for every rank; the prediction is
   the slowest rank (a collective finishes when its slowest member arrives).
 - Nodes: with gpus_per_node, a group whose ranks span more than one node uses `Link.inter` (Ulysses innermost,
@@ -363,7 +363,10 @@ def schemes(world: int, heads: int, batch: int = BATCH) -> list[Scheme]:
     return out
 
 
-def plan(shape: DiTShape, single_step_s: float, link: Link, itemsize: int, worlds=(2, 4, 8, 16, 32, 64),
+PLAN_WORLDS = (2, 3, 4, 5, 6, 7, 8, 16, 32, 64)
+
+
+def plan(shape: DiTShape, single_step_s: float, link: Link, itemsize: int, worlds=PLAN_WORLDS,
          **kwargs) -> list[Prediction]:
     """Predictions for every scheme of every world size, fastest first within each world size."""
     out = []
@@ -398,7 +401,7 @@ def main(argv=None) -> int:
     ap.add_argument("--step-s", type=float, default=None,
                     help="one-GPU guided step in seconds (default: the issue's 5B figure, 1.3 s on one H100, scaled "
                          "by FLOPs to the chosen model)")
-    ap.add_argument("--worlds", default="2,4,8,16,32,64")
+    ap.add_argument("--worlds", default="2,3,4,5,6,7,8,16,32,64")
     ap.add_argument("--all", action="store_true", help="every scheme, not only the fastest per GPU count")
     args = ap.parse_args(argv)
     shape = SHAPES[args.model]

@@ -143,6 +143,9 @@ def test_schemes_of_a_world():
     assert [s.label for s in cm.schemes(4, 3)] == ["ring=4", "ulysses=2,ring=2", "ring=2,cfg=2", "ulysses=2,cfg=2"]
     assert [s.label for s in cm.schemes(3, 2)] == ["ring=3"]          # no Ulysses degree above the head count
     assert all(s.world == 8 for s in cm.schemes(8, 48)) and len(cm.schemes(8, 48)) == 7
+    for heads in (30, 48):   # every degree 2..8 has a layout for 2B and 5B (uneven shards and head groups allowed)
+        for world in range(2, 9):
+            assert any(s.cfg == 1 and s.ulysses == world for s in cm.schemes(world, heads))
 
 
 # ---- the volume is what the collectives move -----------------------------------------------------------------------
@@ -235,7 +238,7 @@ def test_bench_parallel_under_torchrun(tmp_path):
     assert [x["impl"] for x in rows] == ["1-gpu", "ring=2", "ulysses=2", "cfg=2"]
     assert all(x["status"] == "ok" for x in rows), [x["reason"] for x in rows]
     one, *par = rows
-    assert "gloo" in one["extra"]["link"] and {p["world"] for p in one["extra"]["plan"]} == {2, 4, 8, 16, 32, 64}
+    assert "gloo" in one["extra"]["link"] and {p["world"] for p in one["extra"]["plan"]} == set(cm.PLAN_WORLDS)
     for x in par:
         e = x["extra"]
         assert e["speedup"] == pytest.approx(one["extra"]["single_ms"] / e["step_ms_slowest_rank"])

@@ -31,7 +31,6 @@ from . import _build
 # model -> (preset, resolution, latent (F, H, W)) at full size; the 1.5 video's 21 latent frames padded to 22.
 FULL = {"2b": ("2b", "480x720x49", (13, 60, 90)), "5b": ("5b", "480x720x49", (13, 60, 90)),
         "1.5": ("1.5-5b", "768x1360x81", (22, 96, 170))}
-PLAN_WORLDS = (2, 4, 8, 16, 32, 64)
 _MESHES: dict = {}          # Parallel -> ParallelMesh, built once per run (groups are collective to create)
 _LINK: dict = {}            # device -> (Link, probe details), probed once per run
 
@@ -226,7 +225,7 @@ def _case(model: str, ctx: Context, world: int) -> Case:
             if link is None:
                 extra["summary"] = "no plan: one CPU process (run under torchrun for measured rows and a plan)"
                 return extra
-            preds = cost_model.plan(shape, single * 1e-3, link, itemsize, PLAN_WORLDS, overlap=gpu,
+            preds = cost_model.plan(shape, single * 1e-3, link, itemsize, cost_model.PLAN_WORLDS, overlap=gpu,
                                     memory_bw=ctx.ceilings.copy_gbps * 1e9 if ctx.ceilings else None)
             extra["plan"] = [p.as_dict() for p in preds]
             extra["summary"] = "plan (predicted): " + ", ".join(
