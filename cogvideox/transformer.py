@@ -29,6 +29,7 @@ from typing import Callable, NamedTuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 import kernels
 from kernels.expert_adaln import expert_rows
@@ -205,8 +206,9 @@ class Attention(nn.Module):
         offset: h is the shard of the joint sequence starting at that token (context parallelism)."""
         q, k, v = self.to_qkv(h).unflatten(-1, (3, self.heads, -1)).unbind(2)
         if rope is None:
-            # No RoPE (2B): the LayerNorm is the whole op, and torch's is already one kernel.
-            return self.norm_q(q), self.norm_k(k), v
+            # No RoPE (2B): the LayerNorm is the whole op, and torch's is already one kernel. Under CUDA autocast
+            # LayerNorm returns fp32 while v is bf16; SDPA's autocast would cast q, k down anyway (as in diffusers).
+            return self.norm_q(q).to(v.dtype), self.norm_k(k).to(v.dtype), v
         start, step = rope
         q = ops.rope3d(q, text_len, grid, start, step, weight=self.norm_q.weight, bias=self.norm_q.bias,
                        eps=self.norm_q.eps, offset=offset)
@@ -314,9 +316,13 @@ class CogVideoXTransformer(nn.Module):
 
     use_kernels: None = fused kernels on CUDA, pure-torch references on CPU; True = the public `kernels` ops;
     False = the references. attention_layout: "3d" (CogVideoX) or "2d+1d" (ablation; see CogVideoXBlock).
+    checkpointing: activation checkpointing while grad is enabled; 0 = off, k = blocks 0, k, 2k, ... recompute
+    their activations in backward (1 = every block; torch.utils.checkpoint, use_reentrant=False: exact, the
+    gradients are bitwise those without it). An attribute, so it can be changed between steps.
     """
 
-    def __init__(self, config: TransformerConfig, use_kernels: bool | None = None, attention_layout: str = "3d"):
+    def __init__(self, config: TransformerConfig, use_kernels: bool | None = None, attention_layout: str = "3d",
+                 checkpointing: int = 0):
         super().__init__()
         if not isinstance(config, TransformerConfig):
             raise TypeError(f"config must be a TransformerConfig, got {type(config).__name__}")
@@ -324,7 +330,10 @@ class CogVideoXTransformer(nn.Module):
             raise ValueError(f"attention_layout must be '3d' or '2d+1d', got {attention_layout!r}")
         if use_kernels not in (None, True, False):
             raise TypeError(f"use_kernels must be None, True or False, got {use_kernels!r}")
+        if isinstance(checkpointing, bool) or not isinstance(checkpointing, int) or checkpointing < 0:
+            raise ValueError(f"checkpointing must be an int >= 0 (0 off, k every k-th block), got {checkpointing!r}")
         self.config, self.use_kernels, self.attention_layout = config, use_kernels, attention_layout
+        self.checkpointing = checkpointing
         cfg, D = config, config.inner_dim
         self.patch_embed = PatchEmbed(cfg)
         self.embedding_dropout = nn.Dropout(cfg.dropout)
@@ -368,10 +377,14 @@ class CogVideoXTransformer(nn.Module):
             # As tensors, built here once (one host-to-device copy), outside the blocks: compiled blocks then take
             # the positions as data, and 1.0's fractional positions, new at every aspect ratio, do not recompile.
             rope = rope3d_positions(*rope_positions(cfg, grid), device=latents.device)   # (3,), (3,) fp32
-        for block in self.transformer_blocks:
-            x = block(x, emb, L, grid, rope, ops, start, S, parallel)           # (B, s, D)
+        k = self.checkpointing if torch.is_grad_enabled() else 0
+        for i, block in enumerate(self.transformer_blocks):
+            args = (x, emb, L, grid, rope, ops, start, S, parallel)
+            x = checkpoint(block, *args, use_reentrant=False) if k and i % k == 0 else block(*args)   # (B, s, D)
         x = self.norm_final(x[:, max(L - start, 0):])                          # (B, n, D) vision only
         shift, scale = self.norm_out.linear(F.silu(emb)).unflatten(1, (2, 1, -1)).unbind(1)   # (B, 1, D) each
+        # Under CUDA autocast norm_final returns fp32 and the Linear bf16: modulate in fp32, as diffusers does.
+        shift, scale = shift.to(x.dtype), scale.to(x.dtype)
         x = ops.expert_adaln(x, shift, scale, 0, weight=self.norm_out.norm.weight, bias=self.norm_out.norm.bias,
                              eps=self.norm_out.norm.eps)
         x = self.proj_out(x)                                                    # (B, n, C_out * patch_dim)
@@ -392,6 +405,8 @@ class CogVideoXTransformer(nn.Module):
                 raise TypeError(f"{name} has dtype {t.dtype} but the model's parameters are {dtype}")
         B, Fr, C, H, W = latents.shape
         p, pt = cfg.patch_size, cfg.patch_size_t or 1
+        if B == 0:
+            raise ValueError(f"latents has an empty batch (B = 0), shape {tuple(latents.shape)}")
         if C != cfg.in_channels:
             raise ValueError(f"latents must be (B, F, C={cfg.in_channels}, H, W) (frames before channels), "
                              f"got {tuple(latents.shape)}")
@@ -403,6 +418,12 @@ class CogVideoXTransformer(nn.Module):
                              f"{cfg.sample_width}, got {H} x {W} (diffusers refuses this too)")
         if text.shape[0] != B or text.shape[2] != cfg.text_embed_dim:
             raise ValueError(f"text must be (B={B}, L, {cfg.text_embed_dim}), got {tuple(text.shape)}")
+        numbers = timestep if isinstance(timestep, (list, tuple)) else [timestep]
+        if not isinstance(timestep, torch.Tensor) and not all(
+                isinstance(t, (int, float)) and not isinstance(t, bool) for t in numbers):
+            raise TypeError(f"timestep must be a number or a tensor of numbers, got {type(timestep).__name__}")
+        if not isinstance(timestep, torch.Tensor) and not all(math.isfinite(t) for t in numbers):
+            raise ValueError(f"timestep must be finite, got {timestep}")
         timestep = torch.as_tensor(timestep, device=latents.device)
         if timestep.dim() == 0:
             timestep = timestep.expand(B)

@@ -78,13 +78,24 @@ def check_text_len(text_len, seq_len: int | None) -> int:
     return text_len
 
 
-def check_positive_float(name: str, v) -> float:
-    """A finite real number > 0 (an int or a numpy scalar too, not a bool) -> float; TypeError / ValueError naming
-    `name`. Non-finite numbers are errors everywhere they are accepted: a NaN or inf eps or theta only yields NaN."""
+def check_finite_float(name: str, v) -> float:
+    """A finite real number (an int or a numpy scalar too, not a bool) -> float; TypeError / ValueError naming
+    `name`. Non-finite numbers are errors everywhere they are accepted: a NaN or inf eps, theta or position only
+    yields NaN."""
     if isinstance(v, bool) or not isinstance(v, (numbers.Real, torch.SymFloat, torch.SymInt)):
         raise TypeError(f"{name} must be a real number, got {type(v).__name__}")
     v = float(v)
-    if not 0 < v < math.inf:   # comparisons, not math.isfinite: under torch.compile v may be a SymFloat (a guard)
+    if not -math.inf < v < math.inf:   # comparisons, not math.isfinite: under torch.compile v may be a SymFloat
+        raise ValueError(f"{name} must be finite, got {v}")
+    return v
+
+
+def check_positive_float(name: str, v) -> float:
+    """A finite real number > 0 -> float (as check_finite_float)."""
+    if isinstance(v, bool) or not isinstance(v, (numbers.Real, torch.SymFloat, torch.SymInt)):
+        raise TypeError(f"{name} must be a real number, got {type(v).__name__}")
+    v = float(v)
+    if not 0 < v < math.inf:
         raise ValueError(f"{name} must be a finite number > 0, got {v}")
     return v
 

@@ -11,7 +11,10 @@ length, so local row s is text when offset + s < text_len; the shard's text rows
 
 Fused: one kernel reads x (and y) once and writes x_new (residual stream) and out once; LayerNorm statistics,
 the residual and the modulation stay in registers. x_new is rounded to x.dtype before the LayerNorm, as the
-reference (and the unfused model) does. The backward kernel recomputes mean/rstd from the row it reads anyway
+reference (and the unfused model) does. Mean and variance are taken of x - x[0] (the row's first element, a
+scalar load of a line already in L1): an fp32 mean of raw values like 12345.678 is off by ~1e-3, which a constant
+row's rstd = 1/sqrt(eps) would turn into outputs of ~0.3 instead of torch's exact 0; shifted, such a row is
+exactly 0 and near-constant rows keep their precision. The backward kernel recomputes mean/rstd from the row it reads anyway
 (x for expert_adaln, the saved x_new for the residual op), so the forward saves no statistics, and writes dx
 (and dy) once. Reductions over tokens (dshift, dscale, dgate per expert; dweight, dbias) are per-program fp32
 partials, summed on the host in a fixed order: deterministic, no atomics.
@@ -103,17 +106,23 @@ def _expert_adaln_fwd_kernel(
         scale1 = 1.0 + tl.load(SCALE + b * s_cb + e * s_ce + cols, mask=mask, other=0.0).to(tl.float32)
         if HAS_RESIDUAL:
             gate = tl.load(GATE + b * s_gb + e * s_ge + cols, mask=mask, other=0.0).to(tl.float32)
+            gate0 = tl.load(GATE + b * s_gb + e * s_ge).to(tl.float32)
         for r in range(lo, hi):
             r64 = tl.cast(r, tl.int64)
-            x = tl.load(X + b * s_xb + r64 * s_xs + cols, mask=mask, other=0.0).to(tl.float32)
+            x_row = X + b * s_xb + r64 * s_xs
+            x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
+            x0 = tl.load(x_row).to(tl.float32)                      # the shift: element 0 of the row
             o_off = (b * S + r64) * D + cols  # XN and OUT are new contiguous (B, S, D) tensors
             if HAS_RESIDUAL:
-                y = tl.load(Y + b * s_yb + r64 * s_ys + cols, mask=mask, other=0.0).to(tl.float32)
+                y_row = Y + b * s_yb + r64 * s_ys
+                y = tl.load(y_row + cols, mask=mask, other=0.0).to(tl.float32)
                 xn = cast_rtne(x + gate * y, XN.dtype.element_ty)
                 tl.store(XN + o_off, xn, mask=mask)
                 x = xn.to(tl.float32)  # normalize the rounded residual stream, as the unfused model does
-            mean = tl.sum(x, axis=0) / D
-            xc = tl.where(mask, x - mean, 0.0)
+                # element 0 of x_new by the same arithmetic as lane 0 (so a constant x_new row shifts to exact 0)
+                x0 = cast_rtne(x0 + gate0 * tl.load(y_row).to(tl.float32), XN.dtype.element_ty).to(tl.float32)
+            xs = tl.where(mask, x - x0, 0.0)
+            xc = tl.where(mask, xs - tl.sum(xs, axis=0) / D, 0.0)
             rstd = tl.rsqrt(tl.sum(xc * xc, axis=0) / D + eps)
             out = (xc * rstd * w + bb) * scale1 + shift
             tl.store(OUT + o_off, cast_rtne(out, OUT.dtype.element_ty), mask=mask)
@@ -157,10 +166,11 @@ def _expert_adaln_bwd_kernel(
         for r in range(lo, hi):
             r64 = tl.cast(r, tl.int64)
             g_off = (b * S + r64) * D + cols
-            x = tl.load(X + b * s_xb + r64 * s_xs + cols, mask=mask, other=0.0).to(tl.float32)
+            x_row = X + b * s_xb + r64 * s_xs
+            x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
             dout = tl.load(DOUT + g_off, mask=mask, other=0.0).to(tl.float32)
-            mean = tl.sum(x, axis=0) / D
-            xc = tl.where(mask, x - mean, 0.0)
+            xs = tl.where(mask, x - tl.load(x_row).to(tl.float32), 0.0)   # shifted by element 0, as forward
+            xc = tl.where(mask, xs - tl.sum(xs, axis=0) / D, 0.0)
             rstd = tl.rsqrt(tl.sum(xc * xc, axis=0) / D + eps)
             xhat = xc * rstd
             acc_do += dout
@@ -270,7 +280,8 @@ def _expert_adaln_bwd_torch(dout, dx_new, x, y, gate, scale, text_len, weight, b
     B, S, D = x.shape
     E = scale.shape[1]
     xf, dout = x.float(), dout.float()
-    xc = xf - xf.mean(-1, keepdim=True)
+    xs = xf - xf[..., :1]                                              # shifted by element 0, as the kernels
+    xc = xs - xs.mean(-1, keepdim=True)
     rstd = torch.rsqrt((xc * xc).mean(-1, keepdim=True) + eps)
     xhat = xc * rstd                                                   # (B, S, D)
     w = weight.float() if weight is not None else xhat.new_ones(D)
@@ -376,9 +387,18 @@ _expert_adaln_op.register_autograd(_backward_plain, setup_context=_setup_plain)
 _expert_adaln_residual_op.register_autograd(_backward_residual, setup_context=_setup_residual)
 
 
+# A row is one BLOCK_D = next_power_of_2(D) vector in registers (no loop over D): 65536 channels are 128 fp32 per
+# thread per vector at the 16-warp cap, far past what fits without spills (CogVideoX: D <= 3072), and Triton
+# refuses blocks over 2^20 elements with a raw compile error. Larger rows are refused up front, on every path.
+MAX_D = 65536
+
+
 def _check(x, mods, text_len, weight, bias, offset):
     check_tensor("x", x, ndim=3)
     B, S, D = x.shape
+    if D > MAX_D:
+        raise ValueError(f"x has D = {D} channels, more than the kernels' limit of {MAX_D} (a row is held in "
+                         f"registers as one block); use expert_adaln_ref for such rows")
     check_text_len(text_len, None)   # the global text length: a shard may lie wholly inside the text
     check_offset(offset)
     E = None
@@ -413,3 +433,10 @@ def expert_adaln_residual(x, y, gate, shift, scale, text_len, weight=None, bias=
     _check(x, {"gate": gate, "shift": shift, "scale": scale}, text_len, weight, bias, offset)
     return torch.ops.cogvideox.expert_adaln_residual(x, y, gate, shift, scale, text_len, weight, bias,
                                                      check_eps(eps), offset)
+
+
+# kernels/__init__ binds `kernels.expert_adaln` to the function above, hiding this module from attribute access:
+# the host helpers the README documents as kernels.expert_adaln.<name> are reachable from the function too.
+expert_adaln.launch_config = launch_config
+expert_adaln.expert_rows = expert_rows
+expert_adaln.expert_sum = expert_sum

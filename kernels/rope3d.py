@@ -17,6 +17,10 @@ batch and the heads, so its (BLOCK_S, Dh/2) cos/sin are computed once, before th
 start / step reach the kernels as two (3,) fp32 tensors (6 scalar loads per program), never as Python floats:
 under torch.compile a float argument of a custom op is a constant the graph specializes on, and the CogVideoX 1.0
 positions change with every resolution (fractional, from the resize-crop region). A tensor is a graph input.
+Text tokens are selected, not multiplied by cos 1 / sin 0: a NaN or inf in channel 2k+1 of a text token must not
+leak into channel 2k (NaN * 0 is NaN). The LayerNorm's mean and variance are taken of x - x[0] (each row's first
+channel): an fp32 mean of raw values like 12345.678 is off by ~1e-3, which a constant row's rstd = 1/sqrt(eps)
+would turn into outputs near 1 instead of torch's exact 0.
 Backward: the rotation is orthogonal, so dz = R(-ang) dy; then LayerNorm backward (mean/rstd recomputed from x,
 nothing but x is saved) and per-program partial sums of dweight/dbias, reduced on the host in a fixed order.
 """
@@ -30,8 +34,9 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._dispatch import (check_eps, check_grid, check_like, check_offset, check_params, check_positive_float,
-                        check_shape, check_tensor, check_text_len, last_dim_contiguous, local_text_len, use_triton)
+from ._dispatch import (check_eps, check_finite_float, check_grid, check_like, check_offset, check_params,
+                        check_positive_float, check_shape, check_tensor, check_text_len, last_dim_contiguous,
+                        local_text_len, use_triton)
 from ._triton_common import cast_rtne
 
 
@@ -141,7 +146,8 @@ def _sincos(a):
 @triton.jit
 def _rope3d_cos_sin(s, text_len, offset, Hg, Wg, START, STEP, log2_theta,
                     HEAD_DIM: tl.constexpr, DT: tl.constexpr, DH: tl.constexpr, BLOCK_D: tl.constexpr):
-    """cos, sin (BLOCK_S, BLOCK_D/2) fp32 for local tokens s (global s + offset); text tokens get cos 1, sin 0.
+    """cos, sin (BLOCK_S, BLOCK_D/2) fp32 for local tokens s (global s + offset), and vision (BLOCK_S,): which of
+    them are vision tokens (the caller passes text tokens through; their cos / sin are finite garbage).
 
     START, STEP: (3,) fp32 (t, h, w), read from memory (six scalar loads per program) so that positions are data,
     not compile-time constants, for torch.compile.
@@ -163,13 +169,20 @@ def _rope3d_cos_sin(s, text_len, offset, Hg, Wg, START, STEP, log2_theta,
     is_h = (j >= DT // 2) & (j < (DT + DH) // 2)
     k = tl.where(is_t, j, tl.where(is_h, j - DT // 2, j - (DT + DH) // 2))
     d = tl.where(is_t, DT, tl.where(is_h, DH, HEAD_DIM - DT - DH)).to(tl.float32)
-    # diffusers: inv_freq = 1 / theta ** (arange(0, d, 2) / d) in fp32
-    inv_freq = tl.exp2(-((2 * k).to(tl.float32) / d) * log2_theta)
+    # diffusers: inv_freq = 1 / theta ** (arange(0, d, 2) / d) in fp32; k = 0 is exactly 1 (theta ** 0), also
+    # where -0 * log2_theta would be NaN (theta = inf, which rope3d rejects but the custom op may be handed)
+    inv_freq = tl.where(k == 0, 1.0, tl.exp2(-((2 * k).to(tl.float32) / d) * log2_theta))
     pos = tl.where(is_t[None, :], pos_t[:, None], tl.where(is_h[None, :], pos_h[:, None], pos_w[:, None]))
     ang = pos * inv_freq[None, :]
     sin, cos = _sincos(ang)
-    vision = (g >= text_len)[:, None]
-    return tl.where(vision, cos, 1.0), tl.where(vision, sin, 0.0)
+    return cos, sin, g >= text_len
+
+
+@triton.jit
+def _first_channel(x, c):
+    """x[:, :, 0] of a (BS, BH, BD) tile, the LayerNorm shift: a sum of zeros and one element (exact), reduced
+    along the channel axis like the mean (a few lanes of one warp at Dh = 64, no shared memory)."""
+    return tl.sum(tl.where(c[None, None, :] == 0, x, 0.0), axis=2)
 
 
 @triton.jit
@@ -181,9 +194,11 @@ def _rope3d_fwd_kernel(X, W, Bias, OUT, B, S, H, sxb, sxs, sxh, text_len, offset
     HALF: tl.constexpr = BLOCK_D // 2
     eps = tl.cast(eps, tl.float32)
     s = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)                         # (BS,) token
-    cos, sin = _rope3d_cos_sin(s, text_len, offset, Hg, Wg, START, STEP, log2_theta, HEAD_DIM, DT, DH, BLOCK_D)
+    cos, sin, vision = _rope3d_cos_sin(s, text_len, offset, Hg, Wg, START, STEP, log2_theta, HEAD_DIM, DT, DH,
+                                       BLOCK_D)
     cos = cos[:, None, :]                                                         # (BS, 1, HALF)
     sin = sin[:, None, :]
+    vision = vision[:, None, None]                                                # (BS, 1, 1)
     c = tl.arange(0, BLOCK_D)
     c_ok = c < HEAD_DIM
     if HAS_W:
@@ -199,8 +214,8 @@ def _rope3d_fwd_kernel(X, W, Bias, OUT, B, S, H, sxb, sxs, sxh, text_len, offset
             x_off = tl.cast(b, tl.int64) * sxb + s64 * sxs + h * sxh + c[None, None, :]
             x = tl.load(X + x_off, mask=mask, other=0.0).to(tl.float32)
             if NORM:
-                mean = tl.sum(x, axis=2) / HEAD_DIM
-                xc = tl.where(mask, x - mean[:, :, None], 0.0)
+                xs = tl.where(mask, x - _first_channel(x, c)[:, :, None], 0.0)
+                xc = tl.where(mask, xs - (tl.sum(xs, axis=2) / HEAD_DIM)[:, :, None], 0.0)
                 rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=2) / HEAD_DIM + eps)
                 x = xc * rstd[:, :, None]
                 if HAS_W:
@@ -209,6 +224,7 @@ def _rope3d_fwd_kernel(X, W, Bias, OUT, B, S, H, sxb, sxs, sxh, text_len, offset
                     x = x + bb[None, None, :]
             xe, xo = tl.split(tl.reshape(x, (BLOCK_S, BLOCK_H, HALF, 2)))         # pairs (2k, 2k+1)
             y = tl.reshape(tl.join(xe * cos - xo * sin, xo * cos + xe * sin), (BLOCK_S, BLOCK_H, BLOCK_D))
+            y = tl.where(vision, y, x)
             out_off = ((tl.cast(b, tl.int64) * S + s64) * H + h) * HEAD_DIM + c[None, None, :]
             tl.store(OUT + out_off, cast_rtne(y, OUT.dtype.element_ty), mask=mask)
 
@@ -223,9 +239,11 @@ def _rope3d_bwd_kernel(DY, X, W, DX, DW_PART, DB_PART, B, S, H, sxb, sxs, sxh, t
     eps = tl.cast(eps, tl.float32)
     pid = tl.program_id(0)
     s = pid * BLOCK_S + tl.arange(0, BLOCK_S)
-    cos, sin = _rope3d_cos_sin(s, text_len, offset, Hg, Wg, START, STEP, log2_theta, HEAD_DIM, DT, DH, BLOCK_D)
+    cos, sin, vision = _rope3d_cos_sin(s, text_len, offset, Hg, Wg, START, STEP, log2_theta, HEAD_DIM, DT, DH,
+                                       BLOCK_D)
     cos = cos[:, None, :]
     sin = sin[:, None, :]
+    vision = vision[:, None, None]
     c = tl.arange(0, BLOCK_D)
     c_ok = c < HEAD_DIM
     if HAS_W:
@@ -244,11 +262,12 @@ def _rope3d_bwd_kernel(DY, X, W, DX, DW_PART, DB_PART, B, S, H, sxb, sxs, sxh, t
             # rotate back by -ang: R(ang)^T dy
             de, do = tl.split(tl.reshape(dy, (BLOCK_S, BLOCK_H, HALF, 2)))
             dz = tl.reshape(tl.join(de * cos + do * sin, do * cos - de * sin), (BLOCK_S, BLOCK_H, BLOCK_D))
+            dz = tl.where(vision, dz, dy)
             if NORM:
                 x_off = tl.cast(b, tl.int64) * sxb + s64 * sxs + h * sxh + c[None, None, :]
                 x = tl.load(X + x_off, mask=mask, other=0.0).to(tl.float32)
-                mean = tl.sum(x, axis=2) / HEAD_DIM
-                xc = tl.where(mask, x - mean[:, :, None], 0.0)
+                xs = tl.where(mask, x - _first_channel(x, c)[:, :, None], 0.0)
+                xc = tl.where(mask, xs - (tl.sum(xs, axis=2) / HEAD_DIM)[:, :, None], 0.0)
                 rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=2) / HEAD_DIM + eps)
                 xhat = xc * rstd[:, :, None]
                 if HAS_W:
@@ -350,8 +369,8 @@ def _rope3d_bwd_ref(dy, x, text_len, grid, start, step, theta, axes_dim, weight,
     dz = torch.cat([dyf[:, :n_text], vis * cos[None, :, None] + rotated * sin[None, :, None]], dim=1)
     if weight is None and bias is None:
         return dz.to(dy.dtype), None, None
-    xf = x.float()
-    xc = xf - xf.mean(-1, keepdim=True)
+    xs = x.float() - x[..., :1].float()                              # shifted by channel 0, as the kernels
+    xc = xs - xs.mean(-1, keepdim=True)
     rstd = torch.rsqrt(xc.pow(2).mean(-1, keepdim=True) + eps)
     xhat = xc * rstd
     dxhat = dz if weight is None else dz * weight.float()
@@ -443,8 +462,14 @@ def _check_positions(x, start, step):
             check_tensor(name, v, ndim=1, dtypes=(torch.float32,))
             check_like(name, v, "x", x, dtype=False)
             check_shape(name, v, (3,))
-        elif len(v) != 3:
-            raise ValueError(f"{name} must hold three floats (t, h, w), got {v}")
+        else:
+            if not isinstance(v, (tuple, list)):
+                raise TypeError(f"{name} must be three floats (t, h, w) or an fp32 (3,) tensor, got "
+                                f"{type(v).__name__}")
+            if len(v) != 3:
+                raise ValueError(f"{name} must hold three floats (t, h, w), got {v}")
+            for axis, f in zip("thw", v):
+                check_finite_float(f"{name}[{axis}]", f)
     return rope3d_positions(start, step, x.device)
 
 
@@ -465,3 +490,11 @@ def rope3d(x, text_len, grid, start=(0.0, 0.0, 0.0), step=(1.0, 1.0, 1.0), theta
     theta = check_positive_float("theta", theta)   # finite and > 0 (theta = inf used to give NaN)
     return _rope3d_op(x, text_len, list(grid), start, step, theta, list(axes_dim), weight, bias, check_eps(eps),
                       0 if offset is None else offset)
+
+
+# kernels/__init__ binds `kernels.rope3d` to the function above, hiding this module from attribute access: the
+# helpers the README documents as kernels.rope3d.<name> are reachable from the function too.
+rope3d.rope3d_positions = rope3d_positions
+rope3d.rope3d_config = rope3d_config
+rope3d.rope3d_table = rope3d_table
+rope3d.default_axes_dim = default_axes_dim

@@ -215,6 +215,10 @@ def test_opcheck(monkeypatch, path):
                                                 3, w.detach(), None, EPS)),
         (torch.ops.cogvideox.expert_adaln_bwd, (dout, None, x.detach(), None, None, scale.detach(), 3, None,
                                                 b.detach(), EPS)),
+        # a context-parallel shard: offset 2, text_len 3 -> one text row
+        (torch.ops.cogvideox.expert_adaln_residual, (x, y, gate, shift, scale, 3, w, b, EPS, 2)),
+        (torch.ops.cogvideox.expert_adaln_bwd, (dout, dout, x.detach(), y.detach(), gate.detach(), scale.detach(),
+                                                3, w.detach(), b.detach(), EPS, 2)),
     ]
     for op, args in samples:
         torch.library.opcheck(op, args)
@@ -358,6 +362,91 @@ def test_offset_text_only_and_vision_only_shards(monkeypatch, path):
         want = expert_adaln_residual(x, y, *one, 0, w, b, EPS)
         for a, r in zip(got, want):
             assert torch.equal(a, r), (offset, text_len)
+
+
+def _constant_leaves(D, residual, affine, seed=0):
+    """Leaves (as make_inputs) whose LayerNorm input rows are constant: x rows of one value each (12345.678 and
+    98765.4 among them), and for the residual a constant-per-row y and a gate constant over D, so that every
+    x_new row is one value too (lane by lane the same arithmetic)."""
+    g = torch.Generator().manual_seed(seed)
+    consts = torch.tensor([12345.678, 98765.4, -3.25, 0.0, 7.0e4])
+    B, S = 1, consts.numel()
+    x = consts.view(1, S, 1).expand(B, S, D).clone().requires_grad_()
+    y = (torch.tensor([2.0, -1.5, 0.0, 3.0, 1.0]).view(1, S, 1).expand(B, S, D).clone().requires_grad_()
+         if residual else torch.zeros(B, S, D))
+    mod = (0.5 * torch.randn(B, 6, D, generator=g))
+    mod[:, 2], mod[:, 5] = 0.37, -0.61                        # both experts' gates: constant over D
+    mod = mod.view(B, 6 * D).requires_grad_()
+    weight = (1 + 0.3 * torch.randn(D, generator=g)).requires_grad_() if affine else None
+    bias = (0.3 * torch.randn(D, generator=g)).requires_grad_() if affine else None
+    return {"x": x, "y": y, "mod": mod, "weight": weight, "bias": bias}
+
+
+@pytest.mark.parametrize("D", [64, 1000, 3072])
+@pytest.mark.parametrize("residual", [False, True], ids=["adaln", "residual"])
+@pytest.mark.parametrize("path", ["torch", "triton"])
+def test_constant_rows(monkeypatch, path, residual, D):
+    """Issue 12: a row of equal values normalizes to exactly 0, as F.layer_norm gives (the Triton path gave 0.295
+    at 12345.678 and 0.98 at 98765.4: the fp32 mean's rounding error times rsqrt(eps)); with the affine and the
+    modulation, out = bias * (1 + scale) + shift; the backward is finite and matches fp64 autograd."""
+    monkeypatch.setenv("COGVIDEOX_KERNELS", path)
+    leaves = _constant_leaves(D, residual, affine=False)
+    x, y, gate, shift, scale, w, b = views(leaves, 2)
+    zeros = torch.zeros_like(shift)
+    out = ours(x, y, gate, zeros, zeros, 2, None, None, residual)[-1]
+    assert torch.equal(out, torch.zeros_like(out))
+    leaves = _constant_leaves(D, residual, affine=True)
+    gout = [torch.randn(1, 5, D, generator=torch.Generator().manual_seed(2)) for _ in range(1 + residual)]
+    o_ours, g_ours = run(ours, leaves, 2, 2, residual, gout)
+    o_ref, g_ref = run(plain, to64(leaves), 2, 2, residual, [t.double() for t in gout])
+    for a, r in zip(o_ours, o_ref):
+        assert_parity(a, r, name="out")
+    for k in g_ref:
+        assert torch.isfinite(g_ours[k]).all(), f"d{k}"
+        assert_parity(g_ours[k], g_ref[k], name=f"d{k}")
+
+
+@pytest.mark.parametrize("D", [64, 3072])
+@pytest.mark.parametrize("path", ["torch", "triton"])
+def test_near_constant_rows(monkeypatch, path, D):
+    """Rows 12345.678 + 1e-3 randn (fp32 ulp there is ~1e-3): forward and gradients err at most 2x torch's own fp32
+    LayerNorm vs fp64 (torch's fp32 F.layer_norm errs by ~0.1 on such rows; the shifted Triton statistics ~1e-7;
+    the old Triton kernel erred 0.76 at D = 3072)."""
+    monkeypatch.setenv("COGVIDEOX_KERNELS", path)
+    g = torch.Generator().manual_seed(4)
+    leaves = make_inputs(2, 6, D, 2, torch.float32)
+    leaves["x"] = (12345.678 + 1e-3 * torch.randn(2, 6, D, generator=g, dtype=torch.float64)).float().requires_grad_()
+    gout = [torch.randn(2, 6, D, generator=g)]
+    o_ours, g_ours = run(ours, leaves, 2, 3, False, gout)
+    o_ref, g_ref = run(plain, to64(leaves), 2, 3, False, [t.double() for t in gout])
+    o_pl, g_pl = run(plain, leaves, 2, 3, False, gout)
+    pairs = [("out", o_ours[0], o_ref[0], o_pl[0])] + [(f"d{k}", g_ours[k], g_ref[k], g_pl[k]) for k in g_ref]
+    for name, a, r, p in pairs:
+        err, plain_err = max_err(a, r), max_err(p, r)
+        assert err <= 2 * plain_err + 1e-5 * r.abs().max().item(), f"{name}: {err:.3e} vs torch fp32 {plain_err:.3e}"
+
+
+def test_row_width_limit(triton_kernels, monkeypatch):
+    """D up to MAX_D runs; beyond, a ValueError naming the limit instead of a raw Triton error, on every path."""
+    D = ea.MAX_D
+    x, shift, scale = torch.randn(1, 2, D), torch.randn(1, 1, D), torch.randn(1, 1, D)
+    assert_parity(expert_adaln(x, shift, scale, 0), expert_adaln_ref(x.double(), shift.double(), scale.double(), 0))
+    x, shift = torch.randn(1, 1, D + 1), torch.randn(1, 1, D + 1)
+    for path in ("triton", "torch"):
+        monkeypatch.setenv("COGVIDEOX_KERNELS", path)
+        with pytest.raises(ValueError, match=f"more than the kernels' limit of {D}"):
+            expert_adaln(x, shift, shift, 0)
+        with pytest.raises(ValueError, match=f"more than the kernels' limit of {D}"):
+            expert_adaln_residual(x, x, shift, shift, shift, 0)
+
+
+def test_documented_module_attributes():
+    """README: kernels.expert_adaln.launch_config works although kernels.expert_adaln is the (callable) op."""
+    import kernels
+    assert callable(kernels.expert_adaln)
+    assert kernels.expert_adaln.launch_config is ea.launch_config
+    assert kernels.expert_adaln.expert_rows is ea.expert_rows and kernels.expert_adaln.expert_sum is ea.expert_sum
+    assert kernels.expert_adaln.launch_config(2, 17776, 3072, 132)["BLOCK_D"] == 4096
 
 
 # CogVideoX shapes (arXiv 2408.06072 Table 1; 226 text + 13 x 30 x 45 vision tokens) the AOT build is checked at.

@@ -154,29 +154,29 @@ def test_cfg_errors_and_broken_collectives():
     run_workers(_misc_worker, 2)
 
 
-def _compile_worker(rank, world, settings):
+def _compile_worker(rank, world):
     from torch._dynamo.utils import counters
 
-    pm = cp.init_parallel(cp.Parallel(**settings))
-    torch._dynamo.reset()
-    counters.clear()
     model = _model("5b")
-    compiled = compile_blocks(copy.deepcopy(model), backend="eager")
-    for shape in ((1, 3, 4, 6, 10), (1, 2, 4, 8, 12), (1, 3, 4, 4, 14)):
-        x = _inputs(model, shape)
-        with torch.no_grad():
-            expected = model(*x, parallel=pm)
-            got = compiled(*x, parallel=pm)
-        assert _rel(got, expected) <= 1e-6
-    breaks = sum(counters["graph_break"].values())
-    frames = counters["stats"]["unique_graphs"]
-    assert breaks == 0, dict(counters["graph_break"])
-    assert frames <= 2, f"{frames} graphs for three resolutions (at most one recompilation)"
+    for settings in ({"ulysses": 2}, {"ring": 2}):
+        pm = cp.init_parallel(cp.Parallel(**settings))
+        torch._dynamo.reset()
+        counters.clear()
+        compiled = compile_blocks(copy.deepcopy(model), backend="eager")
+        for shape in ((1, 3, 4, 6, 10), (1, 2, 4, 8, 12), (1, 3, 4, 4, 14)):
+            x = _inputs(model, shape)
+            with torch.no_grad():
+                expected = model(*x, parallel=pm)
+                got = compiled(*x, parallel=pm)
+            assert _rel(got, expected) <= 1e-6, settings
+        breaks, graphs = sum(counters["graph_break"].values()), counters["stats"]["unique_graphs"]
+        assert breaks == 0, (settings, dict(counters["graph_break"]))
+        assert graphs <= 2, f"{settings}: {graphs} graphs for three resolutions (at most one recompilation)"
 
 
-@pytest.mark.parametrize("settings", [{"ulysses": 2}, {"ring": 2}])
-def test_compile_blocks_under_context_parallelism(settings):
-    run_workers(_compile_worker, 2, settings)
+def test_compile_blocks_under_context_parallelism():
+    """fullgraph=True (a graph break would raise), the functional collectives traced, <= 1 recompilation."""
+    run_workers(_compile_worker, 2)
 
 
 # ---- settings and errors ------------------------------------------------------------------------------------------
@@ -214,3 +214,47 @@ def test_cuda_run_with_too_few_gpus(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     with pytest.raises(cp.ParallelError, match="1 CUDA device"):
         cp.init_parallel(cp.Parallel(ring=2), device="cuda")
+
+
+# ---- the command line under torchrun -------------------------------------------------------------------------------
+def _generate(tmp_path, name, nproc=None, parallel=None, timeout=240):
+    import subprocess
+    import sys
+
+    out = tmp_path / f"{name}.safetensors"
+    args = ["-m", "cogvideox", "generate", "--preset", "tiny", "--random-init", "--prompt", "a cat", "--steps", "3",
+            "--frames", "9", "--height", "48", "--width", "80", "--out", str(tmp_path / f"{name}_frames"),
+            "--save-latents", str(out), "--no-progress", "--sampler", "dpm"]
+    if nproc is not None:
+        args = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *args,
+                "--parallel", parallel]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env["OMP_NUM_THREADS"] = "1"
+    run = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout, env=env)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    from safetensors.torch import load_file
+
+    return load_file(str(out))["latents"], run
+
+
+@pytest.mark.parametrize("nproc,parallel", [(2, "cfg=2"), (4, "ulysses=2,ring=2")])
+def test_torchrun_generate_writes_the_one_process_latents(tmp_path, nproc, parallel):
+    """A 3-step tiny DPM run (stochastic sampler: every rank must draw the same noise) at 48 x 80: the latents that
+    rank 0 writes equal one process's; only rank 0 writes."""
+    one, _ = _generate(tmp_path, "one")
+    many, run = _generate(tmp_path, "many", nproc, parallel)
+    assert _rel(many, one) <= 1e-5
+    for written in ("many.safetensors", "frame_0000.png"):   # by rank 0 alone
+        assert run.stdout.count(written) == 1, run.stdout
+
+
+def test_cli_parallel_errors(capsys):
+    from cogvideox.__main__ import main
+
+    base = ["generate", "--preset", "tiny", "--random-init", "--prompt", "x", "--out", "/tmp/never_written"]
+    for extra, msg in ((["--parallel", "ring=2"], "needs torchrun"), (["--parallel", "ring=two"], "not an integer"),
+                       (["--parallel", "pp=2"], "not one of")):
+        with pytest.raises(SystemExit) as e:
+            main(base + extra)
+        assert e.value.code == 2
+        assert msg in capsys.readouterr().err
