@@ -84,8 +84,8 @@ def resolve(args, suites: dict) -> tuple[list, "Context"]:
             raise BenchArgumentError(f"--device must be cuda or cpu, got {args.device!r}")
     else:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
+    if device.type == "cuda" and device.index is None:   # under torchrun: this rank's GPU
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", torch.cuda.current_device())))
     size = args.size
     if size == "full" and device.type != "cuda":
         raise BenchArgumentError("--size full runs the paper's shapes, which need a CUDA GPU; this run is on "
@@ -141,10 +141,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     threads_before = torch.get_num_threads()
+    lead = os.environ.get("RANK", "0") == "0"   # under torchrun every rank runs; rank 0 prints and writes
     try:
-        doc = run(planned, ctx, argv if argv is not None else sys.argv[1:], threads=args.threads)
+        doc = run(planned, ctx, argv if argv is not None else sys.argv[1:], threads=args.threads,
+                  progress=None if lead else (lambda line: None))
     finally:
         torch.set_num_threads(threads_before)   # main() also runs inside other programs (tests)
+    if not lead:
+        return 0
     path = os.path.join(out_dir, "results.json")
     try:
         results.dump(doc, path)
