@@ -33,7 +33,6 @@ rank (`shard`'s backward is an all-reduce).
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 from dataclasses import dataclass

@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from cogvideox.config import TransformerConfig, VAEConfig
 from cogvideox.weights import CheckpointError, load_transformer
-from diffusers_models import save_pretrained, tiny_diffusers_transformer
+from diffusers_models import tiny_diffusers_transformer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
