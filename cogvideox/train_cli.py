@@ -221,6 +221,31 @@ def _check_train_args(parser, a):
         a.resume = os.path.dirname(found[-1])
     if a.resume is not None and not os.path.isfile(os.path.join(a.resume, STATE_NAME)):
         _fail(parser, f"--resume {a.resume}: no {STATE_NAME} (expected a checkpoint-NNNNNN directory)")
+    cfg = _config(parser, a)
+    if cfg.in_channels != cfg.out_channels:
+        _fail(parser, "image-to-video models (in_channels = 2 x out_channels) need image latents, which this "
+                      "trainer does not build yet: fine-tune a text-to-video model")
+
+
+def _transformer_dir(a) -> str:
+    if a.resume is not None:
+        return os.path.join(a.resume, "transformer")
+    sub = os.path.join(a.model, "transformer")
+    return sub if os.path.isdir(sub) else a.model
+
+
+def _config(parser, a):
+    """The transformer config, read before any weight is built or loaded."""
+    from .config import TransformerConfig
+    from .weights import CheckpointError, parse_config, read_config
+
+    if a.resume is None and a.model is None:
+        return TransformerConfig.preset(a.preset)
+    path = _transformer_dir(a)
+    try:
+        return parse_config(path, read_config(path), TransformerConfig.from_diffusers_config)
+    except CheckpointError as e:
+        _fail(parser, str(e))
 
 
 def _build_model(a, dtype, device):
@@ -230,10 +255,8 @@ def _build_model(a, dtype, device):
     from .weights import load_transformer
 
     kernels = {"auto": None, "on": True, "off": False}[a.kernels]
-    if a.resume is not None:
-        path = os.path.join(a.resume, "transformer")
-    elif a.model is not None:
-        path = os.path.join(a.model, "transformer") if os.path.isdir(os.path.join(a.model, "transformer")) else a.model
+    if a.resume is not None or a.model is not None:
+        path = _transformer_dir(a)
     else:
         from .config import TransformerConfig
 

@@ -421,6 +421,24 @@ def test_train_cli_fits_saves_for_diffusers_and_resumes_bit_exactly(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.parametrize("flags", [("--autocast", "bf16"), ("--dtype", "bf16"), ("--loss", "v-mse", "--timesteps",
+                                                                          "uniform", "--warmup-steps", "2")])
+def test_train_cli_precision_and_options(tmp_path, flags):
+    import json
+
+    data = make_dataset(tmp_path / "data", n=2)
+    assert _cli(*TRAIN, "--data", data, "--out", tmp_path / "run", "--steps", 2, *flags) == 0
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert len(log) == 2 and all(math.isfinite(r["loss"]) for r in log)
+    if "--warmup-steps" in flags:
+        assert [r["lr"] for r in log] == [1.5e-3, 3e-3]
+    if "--dtype" in flags:
+        from safetensors.torch import load_file
+        state = load_file(str(tmp_path / "run" / "checkpoint-000002" / "transformer" /
+                              "diffusion_pytorch_model.safetensors"))
+        assert {t.dtype for t in state.values()} == {torch.bfloat16}
+
+
 def test_train_cli_bad_arguments(tmp_path, capsys):
     data = make_dataset(tmp_path / "data", n=1)
     with pytest.raises(SystemExit):
@@ -432,6 +450,17 @@ def test_train_cli_bad_arguments(tmp_path, capsys):
     with pytest.raises(SystemExit):
         _cli(*TRAIN, "--data", tmp_path / "nothing", "--out", tmp_path / "r", "--steps", 1)
     assert "not a directory" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        _cli(*TRAIN, "--data", data, "--out", tmp_path / "r", "--fsdp")
+    assert "torchrun" in capsys.readouterr().err
+    from cogvideox.export import save_transformer
+    i2v = save_transformer(CogVideoXTransformer(TransformerConfig.preset("tiny", in_channels=8)), tmp_path / "i2v")
+    with pytest.raises(SystemExit):
+        _cli("train", "--model", i2v, "--data", data, "--out", tmp_path / "r")
+    assert "image-to-video" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        _cli("train", "--model", tmp_path, "--data", data, "--out", tmp_path / "r")
+    assert "config.json" in capsys.readouterr().err
 
 
 def test_sample_indices_cover_each_epoch_once():
