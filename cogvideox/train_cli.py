@@ -1,7 +1,7 @@
 """`python -m cogvideox train` and `python -m cogvideox encode-dataset`: fine-tuning on precomputed latents.
 
     python -m cogvideox encode-dataset --videos CLIPS/ --model DIR --out DATA/      # VAE + T5, once
-    python -m cogvideox train --model DIR --data DATA/ --out RUN/ --steps 1000      # or: torchrun ... -m cogvideox train
+    python -m cogvideox train --model DIR --data DATA/ --out RUN/ --steps 1000      # or: torchrun -m cogvideox ...
     python -m cogvideox train --preset tiny --random-init --data DATA/ --out RUN/   # CPU smoke run
 
 The dataset folder: one `NAME.safetensors` per sample holding
