@@ -57,7 +57,8 @@ def add_parsers(sub) -> None:
     opt.add_argument("--timesteps", choices=["explicit-uniform", "uniform"], default="explicit-uniform")
     opt.add_argument("--snr-shift", type=float, help="default: the model's scheduler (2B 3.0, 5B 1.0)")
     run = t.add_argument_group("run")
-    run.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="parameter dtype (default fp32)")
+    run.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
+                     help="parameter dtype (default fp32; fp16 would need loss scaling)")
     run.add_argument("--autocast", choices=["auto", "none", "bf16"], default="auto",
                      help="mixed precision: the forward under torch.autocast (auto: bf16 on CUDA, none on CPU)")
     run.add_argument("--checkpointing", type=int, default=0, metavar="K",

@@ -419,6 +419,9 @@ def test_train_cli_fits_saves_for_diffusers_and_resumes_bit_exactly(tmp_path):
     a = load_file(str(run / "checkpoint-000012" / "transformer" / "diffusion_pytorch_model.safetensors"))
     b = load_file(str(resumed / "checkpoint-000012" / "transformer" / "diffusion_pytorch_model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # --resume latest: the newest checkpoint in --out, the log continues
+    assert _cli(*TRAIN, "--data", data, "--out", run, "--steps", 13, "--resume", "latest") == 0
+    assert [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()][-2:] == [12, 13]
 
 
 @pytest.mark.parametrize("flags", [("--autocast", "bf16"), ("--dtype", "bf16"), ("--loss", "v-mse", "--timesteps",
