@@ -65,6 +65,10 @@ def add_parsers(sub) -> None:
                      help="activation checkpointing of every K-th block (0 off, 1 every block)")
     run.add_argument("--kernels", choices=["auto", "on", "off"], default="auto")
     run.add_argument("--compile", action="store_true", help="compile_blocks (torch.compile per block)")
+    run.add_argument("--lora-rank", type=int, default=0, metavar="R",
+                     help="train peft LoRA adapters of rank R on to_qkv / to_out instead of every weight (needs "
+                          "peft); checkpoints hold the merged model in transformer/ and the adapters in lora.safetensors")
+    run.add_argument("--lora-alpha", type=float, help="LoRA alpha (default: the rank)")
     run.add_argument("--fsdp", action="store_true",
                      help="under torchrun: shard parameters, gradients and optimizer states (FSDP2 fully_shard "
                           "per block) instead of DDP; for the 5B full fine-tune")
@@ -215,6 +219,10 @@ def _check_train_args(parser, a):
         _fail(parser, f"--lr must be > 0, got {a.lr}")
     if a.fsdp and int(os.environ.get("WORLD_SIZE", "1")) < 2:
         _fail(parser, "--fsdp shards across processes: run under torchrun with --nproc_per_node >= 2")
+    if a.lora_rank < 0:
+        _fail(parser, f"--lora-rank must be >= 0, got {a.lora_rank}")
+    if a.lora_rank and a.fsdp:
+        _fail(parser, "--lora-rank with --fsdp is not supported (LoRA fits one GPU: use DDP)")
     if a.resume == "latest":
         found = sorted(glob.glob(os.path.join(a.out, "checkpoint-*", STATE_NAME)))
         if not found:
@@ -229,7 +237,7 @@ def _check_train_args(parser, a):
 
 
 def _transformer_dir(a) -> str:
-    if a.resume is not None:
+    if a.resume is not None and not a.lora_rank:   # LoRA resumes from the base model plus the saved adapters
         return os.path.join(a.resume, "transformer")
     sub = os.path.join(a.model, "transformer")
     return sub if os.path.isdir(sub) else a.model
@@ -240,7 +248,9 @@ def _config(parser, a):
     from .config import TransformerConfig
     from .weights import CheckpointError, parse_config, read_config
 
-    if a.resume is None and a.model is None:
+    if a.lora_rank and a.resume is not None and a.model is None and a.preset is None:
+        _fail(parser, "--resume of a LoRA run needs its base model again: --model DIR or --preset NAME --random-init")
+    if (a.resume is None or a.lora_rank) and a.model is None:
         return TransformerConfig.preset(a.preset)
     path = _transformer_dir(a)
     try:
@@ -256,7 +266,7 @@ def _build_model(a, dtype, device):
     from .weights import load_transformer
 
     kernels = {"auto": None, "on": True, "off": False}[a.kernels]
-    if a.resume is not None or a.model is not None:
+    if (a.resume is not None and not a.lora_rank) or a.model is not None:
         path = _transformer_dir(a)
     else:
         from .config import TransformerConfig
@@ -306,6 +316,14 @@ def _save_checkpoint(a, d: Dist, model, optimizer, lr_schedule, generator, step,
     else:
         rngs = [_rng_state(generator)]
     if d.rank == 0:
+        if a.lora_rank:
+            from safetensors.torch import save_file
+
+            from . import training
+            model_state = training.merged_state(model)
+            os.makedirs(path, exist_ok=True)
+            save_file({k: v.detach().cpu().contiguous() for k, v in training.lora_state(model).items()},
+                      os.path.join(path, "lora.safetensors"))
         save_transformer(model, os.path.join(path, "transformer"), state_dict=model_state)
         state = {"step": step, "optimizer": optim_state if a.fsdp else optimizer.state_dict(),
                  "lr_schedule": lr_schedule.state_dict(), "rng": rngs, "world": d.world, "snr_shift": snr,
@@ -339,6 +357,15 @@ def train_command(parser, a) -> int:
                              f"{d.world} (the RNG streams are per rank)")
         model = _build_model(a, dtype, d.device).train()
         model.checkpointing = a.checkpointing
+        if a.lora_rank:
+            training.add_lora(model, rank=a.lora_rank, alpha=a.lora_alpha)
+            if saved is not None:
+                from safetensors.torch import load_file
+                adapters = load_file(os.path.join(a.resume, "lora.safetensors"), device=str(d.device))
+                missing, unexpected = model.load_state_dict(adapters, strict=False)
+                if unexpected or any(".lora_" in k for k in missing):
+                    raise ValueError(f"--resume: {a.resume}/lora.safetensors does not fit --lora-rank "
+                                     f"{a.lora_rank} (unexpected {unexpected[:3]})")
         if a.compile:
             compile_blocks(model)
         snr = _snr_shift(a, saved)
@@ -353,7 +380,7 @@ def train_command(parser, a) -> int:
         elif d.world > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
             wrapped = DDP(model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=a.lr, betas=tuple(a.betas), eps=1e-8,
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=a.lr, betas=tuple(a.betas), eps=1e-8,
                                       weight_decay=a.weight_decay)
         warm = a.warmup_steps
         lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
