@@ -350,8 +350,9 @@ def train_command(parser, a) -> int:
         dtype = getattr(torch, DTYPES[a.dtype])
         autocast = {"auto": torch.bfloat16 if d.device.type == "cuda" else None, "none": None,
                     "bf16": torch.bfloat16}[a.autocast]
-        saved = torch.load(os.path.join(a.resume, STATE_NAME), map_location="cpu", weights_only=False) \
-            if a.resume else None
+        saved = None
+        if a.resume:
+            saved = torch.load(os.path.join(a.resume, STATE_NAME), map_location="cpu", weights_only=True)
         if saved is not None and saved["world"] != d.world:
             raise ValueError(f"--resume: the checkpoint was written by {saved['world']} processes, this run has "
                              f"{d.world} (the RNG streams are per rank)")
