@@ -381,8 +381,8 @@ def train_command(parser, a) -> int:
         elif d.world > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
             wrapped = DDP(model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=a.lr, betas=tuple(a.betas), eps=1e-8,
-                                      weight_decay=a.weight_decay)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=a.lr,
+                                      betas=tuple(a.betas), eps=1e-8, weight_decay=a.weight_decay)
         warm = a.warmup_steps
         lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
         generator = torch.Generator().manual_seed(a.seed * 1_000 + d.rank)   # CPU: the same draws on every device
