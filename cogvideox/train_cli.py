@@ -67,7 +67,8 @@ def add_parsers(sub) -> None:
     run.add_argument("--compile", action="store_true", help="compile_blocks (torch.compile per block)")
     run.add_argument("--lora-rank", type=int, default=0, metavar="R",
                      help="train peft LoRA adapters of rank R on to_qkv / to_out instead of every weight (needs "
-                          "peft); checkpoints hold the merged model in transformer/ and the adapters in lora.safetensors")
+                          "peft); checkpoints hold the merged model in transformer/, the adapters in "
+                          "lora.safetensors")
     run.add_argument("--lora-alpha", type=float, help="LoRA alpha (default: the rank)")
     run.add_argument("--fsdp", action="store_true",
                      help="under torchrun: shard parameters, gradients and optimizer states (FSDP2 fully_shard "
