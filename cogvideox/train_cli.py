@@ -1,7 +1,7 @@
 """`python -m cogvideox train` and `python -m cogvideox encode-dataset`: fine-tuning on precomputed latents.
 
     python -m cogvideox encode-dataset --videos CLIPS/ --model DIR --out DATA/      # VAE + T5, once
-    python -m cogvideox train --model DIR --data DATA/ --out RUN/ --steps 1000      # or: torchrun ... -m cogvideox train
+    python -m cogvideox train --model DIR --data DATA/ --out RUN/ --steps 1000      # or: torchrun -m cogvideox ...
     python -m cogvideox train --preset tiny --random-init --data DATA/ --out RUN/   # CPU smoke run
 
 The dataset folder: one `NAME.safetensors` per sample holding
@@ -57,13 +57,19 @@ def add_parsers(sub) -> None:
     opt.add_argument("--timesteps", choices=["explicit-uniform", "uniform"], default="explicit-uniform")
     opt.add_argument("--snr-shift", type=float, help="default: the model's scheduler (2B 3.0, 5B 1.0)")
     run = t.add_argument_group("run")
-    run.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="parameter dtype (default fp32)")
+    run.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
+                     help="parameter dtype (default fp32; fp16 would need loss scaling)")
     run.add_argument("--autocast", choices=["auto", "none", "bf16"], default="auto",
                      help="mixed precision: the forward under torch.autocast (auto: bf16 on CUDA, none on CPU)")
     run.add_argument("--checkpointing", type=int, default=0, metavar="K",
                      help="activation checkpointing of every K-th block (0 off, 1 every block)")
     run.add_argument("--kernels", choices=["auto", "on", "off"], default="auto")
     run.add_argument("--compile", action="store_true", help="compile_blocks (torch.compile per block)")
+    run.add_argument("--lora-rank", type=int, default=0, metavar="R",
+                     help="train peft LoRA adapters of rank R on to_qkv / to_out instead of every weight (needs "
+                          "peft); checkpoints hold the merged model in transformer/, the adapters in "
+                          "lora.safetensors")
+    run.add_argument("--lora-alpha", type=float, help="LoRA alpha (default: the rank)")
     run.add_argument("--fsdp", action="store_true",
                      help="under torchrun: shard parameters, gradients and optimizer states (FSDP2 fully_shard "
                           "per block) instead of DDP; for the 5B full fine-tune")
@@ -214,6 +220,10 @@ def _check_train_args(parser, a):
         _fail(parser, f"--lr must be > 0, got {a.lr}")
     if a.fsdp and int(os.environ.get("WORLD_SIZE", "1")) < 2:
         _fail(parser, "--fsdp shards across processes: run under torchrun with --nproc_per_node >= 2")
+    if a.lora_rank < 0:
+        _fail(parser, f"--lora-rank must be >= 0, got {a.lora_rank}")
+    if a.lora_rank and a.fsdp:
+        _fail(parser, "--lora-rank with --fsdp is not supported (LoRA fits one GPU: use DDP)")
     if a.resume == "latest":
         found = sorted(glob.glob(os.path.join(a.out, "checkpoint-*", STATE_NAME)))
         if not found:
@@ -221,6 +231,33 @@ def _check_train_args(parser, a):
         a.resume = os.path.dirname(found[-1])
     if a.resume is not None and not os.path.isfile(os.path.join(a.resume, STATE_NAME)):
         _fail(parser, f"--resume {a.resume}: no {STATE_NAME} (expected a checkpoint-NNNNNN directory)")
+    cfg = _config(parser, a)
+    if cfg.in_channels != cfg.out_channels:
+        _fail(parser, "image-to-video models (in_channels = 2 x out_channels) need image latents, which this "
+                      "trainer does not build yet: fine-tune a text-to-video model")
+
+
+def _transformer_dir(a) -> str:
+    if a.resume is not None and not a.lora_rank:   # LoRA resumes from the base model plus the saved adapters
+        return os.path.join(a.resume, "transformer")
+    sub = os.path.join(a.model, "transformer")
+    return sub if os.path.isdir(sub) else a.model
+
+
+def _config(parser, a):
+    """The transformer config, read before any weight is built or loaded."""
+    from .config import TransformerConfig
+    from .weights import CheckpointError, parse_config, read_config
+
+    if a.lora_rank and a.resume is not None and a.model is None and a.preset is None:
+        _fail(parser, "--resume of a LoRA run needs its base model again: --model DIR or --preset NAME --random-init")
+    if (a.resume is None or a.lora_rank) and a.model is None:
+        return TransformerConfig.preset(a.preset)
+    path = _transformer_dir(a)
+    try:
+        return parse_config(path, read_config(path), TransformerConfig.from_diffusers_config)
+    except CheckpointError as e:
+        _fail(parser, str(e))
 
 
 def _build_model(a, dtype, device):
@@ -230,10 +267,8 @@ def _build_model(a, dtype, device):
     from .weights import load_transformer
 
     kernels = {"auto": None, "on": True, "off": False}[a.kernels]
-    if a.resume is not None:
-        path = os.path.join(a.resume, "transformer")
-    elif a.model is not None:
-        path = os.path.join(a.model, "transformer") if os.path.isdir(os.path.join(a.model, "transformer")) else a.model
+    if (a.resume is not None and not a.lora_rank) or a.model is not None:
+        path = _transformer_dir(a)
     else:
         from .config import TransformerConfig
 
@@ -282,6 +317,14 @@ def _save_checkpoint(a, d: Dist, model, optimizer, lr_schedule, generator, step,
     else:
         rngs = [_rng_state(generator)]
     if d.rank == 0:
+        if a.lora_rank:
+            from safetensors.torch import save_file
+
+            from . import training
+            model_state = training.merged_state(model)
+            os.makedirs(path, exist_ok=True)
+            save_file({k: v.detach().cpu().contiguous() for k, v in training.lora_state(model).items()},
+                      os.path.join(path, "lora.safetensors"))
         save_transformer(model, os.path.join(path, "transformer"), state_dict=model_state)
         state = {"step": step, "optimizer": optim_state if a.fsdp else optimizer.state_dict(),
                  "lr_schedule": lr_schedule.state_dict(), "rng": rngs, "world": d.world, "snr_shift": snr,
@@ -308,13 +351,23 @@ def train_command(parser, a) -> int:
         dtype = getattr(torch, DTYPES[a.dtype])
         autocast = {"auto": torch.bfloat16 if d.device.type == "cuda" else None, "none": None,
                     "bf16": torch.bfloat16}[a.autocast]
-        saved = torch.load(os.path.join(a.resume, STATE_NAME), map_location="cpu", weights_only=False) \
-            if a.resume else None
+        saved = None
+        if a.resume:
+            saved = torch.load(os.path.join(a.resume, STATE_NAME), map_location="cpu", weights_only=True)
         if saved is not None and saved["world"] != d.world:
             raise ValueError(f"--resume: the checkpoint was written by {saved['world']} processes, this run has "
                              f"{d.world} (the RNG streams are per rank)")
         model = _build_model(a, dtype, d.device).train()
         model.checkpointing = a.checkpointing
+        if a.lora_rank:
+            training.add_lora(model, rank=a.lora_rank, alpha=a.lora_alpha)
+            if saved is not None:
+                from safetensors.torch import load_file
+                adapters = load_file(os.path.join(a.resume, "lora.safetensors"), device=str(d.device))
+                missing, unexpected = model.load_state_dict(adapters, strict=False)
+                if unexpected or any(".lora_" in k for k in missing):
+                    raise ValueError(f"--resume: {a.resume}/lora.safetensors does not fit --lora-rank "
+                                     f"{a.lora_rank} (unexpected {unexpected[:3]})")
         if a.compile:
             compile_blocks(model)
         snr = _snr_shift(a, saved)
@@ -329,8 +382,8 @@ def train_command(parser, a) -> int:
         elif d.world > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
             wrapped = DDP(model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=a.lr, betas=tuple(a.betas), eps=1e-8,
-                                      weight_decay=a.weight_decay)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=a.lr,
+                                      betas=tuple(a.betas), eps=1e-8, weight_decay=a.weight_decay)
         warm = a.warmup_steps
         lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
         generator = torch.Generator().manual_seed(a.seed * 1_000 + d.rank)   # CPU: the same draws on every device

@@ -183,3 +183,25 @@ def add_lora(model, rank: int = 128, alpha: float | None = None, targets=LORA_TA
     model.requires_grad_(False)
     inject_adapter_in_model(config, model)      # adapters are created trainable
     return model
+
+
+def lora_state(model) -> dict:
+    """The adapters' tensors only (peft's lora_A / lora_B keys): what a LoRA checkpoint needs besides the base."""
+    return {k: v for k, v in model.state_dict().items() if ".lora_" in k}
+
+
+def merged_state(model) -> dict:
+    """The model's state dict with every LoRA adapter merged into its base weight (W + scale B A) and peft's key
+    prefixes removed: the keys and shapes of the plain model, ready for export.save_transformer."""
+    out = {}
+    for name, module in model.named_modules():
+        if hasattr(module, "base_layer") and hasattr(module, "get_delta_weight"):
+            delta = sum(module.get_delta_weight(a) for a in module.active_adapters)   # (out, in)
+            out[f"{name}.weight"] = module.base_layer.weight.detach() + delta.to(module.base_layer.weight.dtype)
+            if module.base_layer.bias is not None:
+                out[f"{name}.bias"] = module.base_layer.bias.detach()
+    for k, v in model.state_dict().items():
+        if ".lora_" in k or ".base_layer." in k:
+            continue
+        out[k] = v
+    return out

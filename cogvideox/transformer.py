@@ -334,8 +334,9 @@ class CogVideoXTransformer(nn.Module):
     use_kernels: None = fused kernels on CUDA, pure-torch references on CPU; True = the public `kernels` ops;
     False = the references. attention_layout: "3d" (CogVideoX) or "2d+1d" (ablation; see CogVideoXBlock).
     checkpointing: activation checkpointing while grad is enabled; 0 = off, k = blocks 0, k, 2k, ... recompute
-    their activations in backward (1 = every block; torch.utils.checkpoint, use_reentrant=False: exact, the
-    gradients are bitwise those without it). An attribute, so it can be changed between steps.
+    their activations in backward (1 = every block; torch.utils.checkpoint, use_reentrant=False, RNG state
+    replayed: the same computation, bitwise the same gradients in the CPU tests). An attribute: it can change
+    between steps.
     """
 
     def __init__(self, config: TransformerConfig, use_kernels: bool | None = None, attention_layout: str = "3d",

@@ -419,6 +419,60 @@ def test_train_cli_fits_saves_for_diffusers_and_resumes_bit_exactly(tmp_path):
     a = load_file(str(run / "checkpoint-000012" / "transformer" / "diffusion_pytorch_model.safetensors"))
     b = load_file(str(resumed / "checkpoint-000012" / "transformer" / "diffusion_pytorch_model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # --resume latest: the newest checkpoint in --out, the log continues
+    assert _cli(*TRAIN, "--data", data, "--out", run, "--steps", 13, "--resume", "latest") == 0
+    assert [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()][-2:] == [12, 13]
+
+
+@pytest.mark.parametrize("flags", [("--autocast", "bf16"), ("--dtype", "bf16"), ("--loss", "v-mse", "--timesteps",
+                                                                          "uniform", "--warmup-steps", "2")])
+def test_train_cli_precision_and_options(tmp_path, flags):
+    import json
+
+    data = make_dataset(tmp_path / "data", n=2)
+    assert _cli(*TRAIN, "--data", data, "--out", tmp_path / "run", "--steps", 2, *flags) == 0
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert len(log) == 2 and all(math.isfinite(r["loss"]) for r in log)
+    if "--warmup-steps" in flags:
+        assert [r["lr"] for r in log] == [1.5e-3, 3e-3]
+    if "--dtype" in flags:
+        from safetensors.torch import load_file
+        state = load_file(str(tmp_path / "run" / "checkpoint-000002" / "transformer" /
+                              "diffusion_pytorch_model.safetensors"))
+        assert {t.dtype for t in state.values()} == {torch.bfloat16}
+
+
+def test_train_cli_lora_exports_merged_and_resumes(tmp_path):
+    """--lora-rank: only adapters train; transformer/ holds the merged model (diffusers loads it and computes what
+    our adapted model computes); resume from step 2 reproduces step 4's adapters bit for bit."""
+    pytest.importorskip("peft", reason="peft (the 'train' extra) is not installed")
+    from diffusers import CogVideoXTransformer3DModel
+    from safetensors.torch import load_file
+
+    data = make_dataset(tmp_path / "data", n=2)
+    run = tmp_path / "run"
+    assert _cli(*TRAIN, "--data", data, "--out", run, "--steps", 4, "--save-every", 2, "--lora-rank", 4) == 0
+    adapters = load_file(str(run / "checkpoint-000004" / "lora.safetensors"))
+    assert adapters and all(".lora_" in k for k in adapters)
+    torch.manual_seed(1)
+    ours = CogVideoXTransformer(TransformerConfig.preset("tiny"))
+    base = {k: v.clone() for k, v in ours.state_dict().items()}
+    training.add_lora(ours, rank=4)
+    ours.load_state_dict(adapters, strict=False)
+    ours.eval()
+    ref = CogVideoXTransformer3DModel.from_pretrained(str(run / "checkpoint-000004" / "transformer")).eval()
+    x, text, t = torch.randn(1, 2, 4, 4, 6), torch.randn(1, 5, 24), torch.tensor([250])
+    with torch.no_grad():
+        assert_parity(ref(x, text, t, return_dict=False)[0], ours(x, text, t), rtol=1e-5, atol=1e-7)
+    merged = training.merged_state(ours)
+    assert merged.keys() == base.keys()
+    changed = {k for k in base if not torch.equal(base[k], merged[k])}
+    assert changed and all(".to_qkv.weight" in k or ".to_out.weight" in k for k in changed)
+
+    assert _cli(*TRAIN, "--data", data, "--out", tmp_path / "resumed", "--steps", 4, "--lora-rank", 4,
+                "--resume", run / "checkpoint-000002") == 0
+    again = load_file(str(tmp_path / "resumed" / "checkpoint-000004" / "lora.safetensors"))
+    assert again.keys() == adapters.keys() and all(torch.equal(again[k], adapters[k]) for k in adapters)
 
 
 def test_train_cli_bad_arguments(tmp_path, capsys):
@@ -432,6 +486,17 @@ def test_train_cli_bad_arguments(tmp_path, capsys):
     with pytest.raises(SystemExit):
         _cli(*TRAIN, "--data", tmp_path / "nothing", "--out", tmp_path / "r", "--steps", 1)
     assert "not a directory" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        _cli(*TRAIN, "--data", data, "--out", tmp_path / "r", "--fsdp")
+    assert "torchrun" in capsys.readouterr().err
+    from cogvideox.export import save_transformer
+    i2v = save_transformer(CogVideoXTransformer(TransformerConfig.preset("tiny", in_channels=8)), tmp_path / "i2v")
+    with pytest.raises(SystemExit):
+        _cli("train", "--model", i2v, "--data", data, "--out", tmp_path / "r")
+    assert "image-to-video" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        _cli("train", "--model", tmp_path, "--data", data, "--out", tmp_path / "r")
+    assert "config.json" in capsys.readouterr().err
 
 
 def test_sample_indices_cover_each_epoch_once():
