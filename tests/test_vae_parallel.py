@@ -1,0 +1,217 @@
+"""The VAE split over processes (CogVideoXVAE.split_run) against one process, in real gloo process groups on CPU.
+
+Every worker builds the same tiny VAE (same seed, weights perturbed so GroupNorm's ones and zeros hide nothing) and
+the same inputs, runs the one-process untiled encode / decode, then the split one, and compares on every rank.
+- Temporal-only layouts run exactly the arithmetic of one process (the same per-chunk statistics, the halo is the
+  cache), so they must match bit for bit.
+- Layouts that merge GroupNorm statistics over ranks (rows split, or whole-video statistics) sum in another order:
+  fp32, relative error (max |diff| / max |ref|) <= 1e-5. Measured (CPU, fp32, these shapes): up to 1.4e-6, the size
+  of one process's own fp32 error against its fp64 run (1.1e-6 on the tiny encode of 17 frames).
+Shapes are tiny and odd (latent rows 3, columns 5; rows that do not divide by the degree), many cases per spawn.
+"""
+import pytest
+import torch
+
+from cogvideox import parallel as cp
+from cogvideox.config import VAEConfig
+from cogvideox.vae import CogVideoXVAE
+from distributed import run_workers
+
+TOL = 1e-5
+
+
+def _vae(seed=0):
+    torch.manual_seed(seed)
+    vae = CogVideoXVAE(VAEConfig.preset("tiny")).eval()
+    with torch.no_grad():
+        for p in vae.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return vae
+
+
+def _input(kind, B, T, h, w, seed=1):
+    shape = (B, 16, T, h, w) if kind == "decode" else (B, 3, T, 8 * h, 8 * w)
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _rel(a, b):
+    return (a.double() - b.double()).abs().max().item() / b.double().abs().max().item()
+
+
+def _run(vae, kind, x, **kwargs):
+    if kind == "decode":
+        return vae.decode(x, **kwargs)
+    out = vae.encode(x, **kwargs)
+    return None if out is None else torch.cat([out.mean, out.logvar], dim=1)
+
+
+def _forward_case(vae, pm, case):
+    """case: (kind, B, T, h, w, layout, exact, bit_exact) -> asserts the split output equals one process's."""
+    kind, B, T, h, w, layout, exact, bit_exact = case
+    x = _input(kind, B, T, h, w)
+    ref = _run(vae, kind, x, tiling=False, exact_groupnorm=exact)
+    out = _run(vae, kind, x, parallel=pm, layout=layout, exact_groupnorm=exact)
+    assert out.shape == ref.shape, f"{case}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
+    err = _rel(out, ref)
+    if bit_exact:
+        assert torch.equal(out, ref), f"{case}: not bit-exact, relative error {err:.2e}"
+    assert err <= TOL, f"{case}: relative error {err:.2e} > {TOL}"
+    return vae.last_split
+
+
+def _backward_case(vae, pm, layout, T, h, w, B=1):
+    """encode's backward under the split: the video's gradient (whole on every rank) and every parameter's (summed
+    over the VAE group) equal one process's."""
+    vae.train()
+    x = _input("encode", B, T, h, w)
+    grads = {}
+    for name, par in (("ref", None), ("split", pm)):
+        vae.zero_grad(set_to_none=True)
+        video = x.clone().requires_grad_(True)
+        post = vae.encode(video, tiling=False, **({} if par is None else {"parallel": par, "layout": layout}))
+        w1 = torch.randn(post.mean.shape, generator=torch.Generator().manual_seed(6))
+        w2 = torch.randn(post.mean.shape, generator=torch.Generator().manual_seed(7))
+        ((post.mean * w1).sum() + (post.logvar * w2).sum()).backward()
+        cp.reduce_vae_gradients(vae.parameters(), par)
+        grads[name] = {"video": video.grad.clone(), **{k: p.grad.clone() for k, p in vae.encoder.named_parameters()}}
+    vae.eval()
+    bad = {k: _rel(grads["split"][k], r) for k, r in grads["ref"].items() if not _rel(grads["split"][k], r) <= TOL}
+    assert not bad, f"encode backward, layout {layout}, {T} frames: relative errors above {TOL}: {bad}"
+
+
+def _worker(rank, world, forward_cases, backward_cases, checks):
+    pm = cp.init_parallel(cp.Parallel(ulysses=world, vae=world))
+    vae = _vae()
+    for case in forward_cases:
+        _forward_case(vae, pm, case)
+    for layout, T, h, w in backward_cases:
+        _backward_case(vae, pm, layout, T, h, w)
+    for check in checks:
+        globals()[check](rank, world, vae, pm)
+
+
+# ---- errors and the no-op ------------------------------------------------------------------------------------------
+def _check_errors(rank, world, vae, pm):
+    z = _input("decode", 1, 5, 3, 5)
+    with pytest.raises(ValueError, match="spatial ranks, but the frame has only 1 latent rows"):
+        vae.decode(_input("decode", 1, 1, 1, 4), parallel=pm)          # one latent frame, one row: nothing to split
+    with pytest.raises(ValueError, match="2 temporal ranks, but decode of 3 frames splits into at most 1"):
+        vae.decode(_input("decode", 1, 3, 2, 2), parallel=pm, layout=(2, 1))
+    with pytest.raises(ValueError, match="does not match the 2 VAE ranks"):
+        vae.decode(z, parallel=pm, layout=(2, 2))
+    with pytest.raises(ValueError, match="layout must be"):
+        vae.decode(z, parallel=pm, layout=(2.0, 1))
+    with pytest.raises(ValueError, match="tiling=True cannot be combined"):
+        vae.decode(z, parallel=pm, tiling=True)
+    with pytest.raises(TypeError, match="parallel must be a ParallelMesh"):
+        vae.decode(z, parallel="ulysses=2")
+    # ranks that disagree fail on every rank with a message instead of hanging
+    mismatched = _input("decode", 1, 5, 3, 5 + rank)
+    with pytest.raises(cp.ParallelError, match="VAE ranks disagree"):
+        vae.decode(mismatched, parallel=pm)
+    with pytest.raises(cp.ParallelError, match="VAE ranks disagree"):
+        vae.decode(z, parallel=pm, exact_groupnorm=rank == 0)
+    # only rank 0 gets the video when asked
+    out, ref = vae.decode(z, parallel=pm, everywhere=False), vae.decode(z, tiling=False)
+    if rank == 0:
+        assert torch.equal(out, ref)
+    else:
+        assert out is None
+
+
+def _check_broken_halo(rank, world, vae, pm):
+    """Zeroed halos (the exchange sends zeros): the comparisons above must then fail, for both kinds of split."""
+    real = cp.exchange
+
+    def zeros(carrier, split, sends=(), recvs=()):
+        return real(carrier, split, [(d, torch.zeros_like(t)) for d, t in sends], recvs)
+
+    cp.exchange = zeros
+    try:
+        for case in [("decode", 1, 5, 3, 5, (2, 1), False, True), ("decode", 1, 5, 3, 5, (1, 2), False, False),
+                     ("encode", 1, 17, 2, 3, (2, 1), False, True), ("encode", 1, 9, 3, 2, (1, 2), False, False)]:
+            with pytest.raises(AssertionError):
+                _forward_case(vae, pm, case)
+    finally:
+        cp.exchange = real
+
+
+def _check_outside_group(rank, world, vae, pm):
+    """vae=2 of 3 ranks: the third rank's call is a no-op returning None; the two others split and agree."""
+    pm2 = cp.init_parallel(cp.Parallel(ulysses=world, vae=2))
+    z = _input("decode", 1, 5, 3, 5)
+    out = vae.decode(z, parallel=pm2)
+    if rank < 2:
+        assert torch.equal(out, vae.decode(z, tiling=False))
+    else:
+        assert out is None and vae.encode(_input("encode", 1, 9, 2, 2), parallel=pm2) is None
+
+
+# ---- the spawns: many cases each ------------------------------------------------------------------------------------
+# (kind, batch, frames, latent rows, latent columns, layout (temporal, spatial) or None = auto, exact_groupnorm,
+#  bit-exact expected)
+TWO = [
+    ("decode", 1, 1, 3, 5, None, False, False),         # one latent frame: auto layout is spatial (1, 2)
+    ("decode", 2, 3, 3, 5, None, False, False),         # one chunk, batch 2
+    ("decode", 2, 5, 3, 5, (2, 1), False, True),        # chunks 3, 2 on two ranks
+    ("decode", 1, 13, 2, 3, (2, 1), False, True),       # six chunks, three rounds
+    ("decode", 1, 5, 3, 5, (1, 2), False, False),
+    ("decode", 1, 5, 3, 5, (2, 1), True, False),        # whole-video statistics, spans 3 | 2
+    ("decode", 1, 13, 3, 2, (1, 2), True, False),
+    ("encode", 1, 1, 3, 2, None, False, False),
+    ("encode", 1, 9, 3, 5, (1, 2), False, False),
+    ("encode", 2, 17, 2, 3, (2, 1), False, True),
+    ("encode", 1, 49, 1, 2, (2, 1), False, True),
+    ("encode", 1, 17, 2, 2, (2, 1), True, False),       # spans 9 | 8
+    ("encode", 1, 17, 3, 2, (1, 2), True, False),
+]
+THREE = [
+    ("decode", 1, 13, 2, 3, (3, 1), False, True),       # six chunks, two rounds
+    ("decode", 2, 5, 3, 5, None, False, False),         # two chunks on three ranks: auto layout is spatial (1, 3)
+    ("decode", 1, 1, 4, 3, (1, 3), False, False),       # 4 rows on 3 ranks: 2, 1, 1
+    ("decode", 1, 13, 2, 3, (3, 1), True, False),       # spans 5 | 4 | 4
+    ("encode", 1, 49, 1, 2, (3, 1), False, True),
+    ("encode", 1, 17, 3, 2, (1, 3), False, False),
+    ("encode", 1, 49, 3, 1, (3, 1), True, False),
+]
+FOUR = [
+    ("decode", 1, 13, 3, 5, (2, 2), False, False),      # temporal x spatial
+    ("decode", 1, 13, 2, 3, (4, 1), False, True),       # six chunks on four ranks: two idle in the second round
+    ("decode", 2, 5, 3, 5, None, False, False),         # two chunks: auto layout (2, 2)
+    ("decode", 1, 1, 5, 3, (1, 4), False, False),
+    ("decode", 1, 13, 3, 2, (2, 2), True, False),
+    ("encode", 1, 17, 3, 2, (2, 2), False, False),
+    ("encode", 1, 49, 1, 2, (4, 1), False, True),
+    ("encode", 1, 49, 2, 2, (2, 2), True, False),
+    ("encode", 2, 9, 5, 1, (1, 4), False, False),
+]
+
+
+def test_two_ranks():
+    run_workers(_worker, 2, TWO, [((2, 1), 17, 2, 2), ((1, 2), 9, 3, 2)], ["_check_errors", "_check_broken_halo"])
+
+
+def test_three_ranks():
+    run_workers(_worker, 3, THREE, [((1, 3), 9, 3, 2)], ["_check_outside_group"])
+
+
+def test_four_ranks():
+    run_workers(_worker, 4, FOUR, [((2, 2), 17, 2, 2)], [])
+
+
+def test_layout_rules():
+    """split_layout on one process: auto layouts, exact_groupnorm spans, and the errors."""
+    vae = CogVideoXVAE(VAEConfig.preset("tiny"))
+    # 13 latents = chunks 3, 2, 2, 2, 2, 2: the largest temporal degree dividing 8 is 4, the rest splits rows
+    assert vae.split_layout("decode", (1, 16, 13, 60, 90), 8)[:2] == ((4, 2), [(0, 3), (3, 5), (5, 7), (7, 9),
+                                                                                (9, 11), (11, 13)])
+    assert vae.split_layout("decode", (1, 16, 21, 96, 170), 8)[0] == (8, 1)
+    assert vae.split_layout("decode", (1, 16, 1, 60, 90), 4)[0] == (1, 4)
+    assert vae.split_layout("encode", (1, 3, 49, 480, 720), 4)[:2] == ((4, 1), [(0, 9), (9, 17), (17, 25), (25, 33),
+                                                                                (33, 41), (41, 49)])
+    assert vae.split_layout("decode", (1, 16, 13, 4, 4), 3, exact_groupnorm=True)[1] == [(0, 5), (5, 9), (9, 13)]
+    assert vae.split_layout("encode", (1, 3, 49, 8, 8), 2, exact_groupnorm=True)[1] == [(0, 25), (25, 49)]
+    with pytest.raises(ValueError, match="at most 6 temporal chunks"):
+        vae.split_layout("decode", (1, 16, 13, 4, 4), 8, layout=(8, 1))
+    with pytest.raises(ValueError, match="ranks must be a positive int"):
+        vae.split_layout("decode", (1, 16, 13, 4, 4), 0)
