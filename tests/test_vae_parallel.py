@@ -7,7 +7,8 @@ the same inputs, runs the one-process untiled encode / decode, then the split on
 - Layouts that merge GroupNorm statistics over ranks (rows split, or whole-video statistics) sum in another order:
   fp32, relative error (max |diff| / max |ref|) <= 1e-5. Measured (CPU, fp32, these shapes): up to 1.4e-6, the size
   of one process's own fp32 error against its fp64 run (1.1e-6 on the tiny encode of 17 frames).
-Shapes are tiny and odd (latent rows 3, columns 5; rows that do not divide by the degree), many cases per spawn.
+Shapes are tiny and odd (latent rows 3, columns 5; rows that do not divide by the degree), many cases per spawn;
+the one-process results are computed once, in the test process, and handed to the workers.
 """
 import pytest
 import torch
@@ -45,11 +46,15 @@ def _run(vae, kind, x, **kwargs):
     return None if out is None else torch.cat([out.mean, out.logvar], dim=1)
 
 
-def _forward_case(vae, pm, case):
-    """case: (kind, B, T, h, w, layout, exact, bit_exact) -> asserts the split output equals one process's."""
+def _reference(case):
+    kind, B, T, h, w, _, exact, _ = case
+    return _run(_vae(), kind, _input(kind, B, T, h, w), tiling=False, exact_groupnorm=exact)
+
+
+def _forward_case(vae, pm, case, ref):
+    """case: (kind, B, T, h, w, layout, exact, bit_exact) -> asserts the split output equals one process's, ref."""
     kind, B, T, h, w, layout, exact, bit_exact = case
     x = _input(kind, B, T, h, w)
-    ref = _run(vae, kind, x, tiling=False, exact_groupnorm=exact)
     out = _run(vae, kind, x, parallel=pm, layout=layout, exact_groupnorm=exact)
     assert out.shape == ref.shape, f"{case}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
     err = _rel(out, ref)
@@ -59,35 +64,52 @@ def _forward_case(vae, pm, case):
     return vae.last_split
 
 
-def _backward_case(vae, pm, layout, T, h, w, B=1):
-    """encode's backward under the split: the video's gradient (whole on every rank) and every parameter's (summed
-    over the VAE group) equal one process's."""
+def _grads(vae, T, h, w, pm=None, layout=None):
+    """encode's backward: {"video": dL/dvideo, encoder parameter name: dL/dparameter}, L a random projection of the
+    posterior's mean and logvar; split over pm's ranks (parameter gradients summed over them) when pm is given."""
     vae.train()
-    x = _input("encode", B, T, h, w)
-    grads = {}
-    for name, par in (("ref", None), ("split", pm)):
-        vae.zero_grad(set_to_none=True)
-        video = x.clone().requires_grad_(True)
-        post = vae.encode(video, tiling=False, **({} if par is None else {"parallel": par, "layout": layout}))
-        w1 = torch.randn(post.mean.shape, generator=torch.Generator().manual_seed(6))
-        w2 = torch.randn(post.mean.shape, generator=torch.Generator().manual_seed(7))
-        ((post.mean * w1).sum() + (post.logvar * w2).sum()).backward()
-        cp.reduce_vae_gradients(vae.parameters(), par)
-        grads[name] = {"video": video.grad.clone(), **{k: p.grad.clone() for k, p in vae.encoder.named_parameters()}}
+    vae.zero_grad(set_to_none=True)
+    video = _input("encode", 1, T, h, w).requires_grad_(True)
+    post = vae.encode(video, tiling=False, **({} if pm is None else {"parallel": pm, "layout": layout}))
+    w1 = torch.randn(post.mean.shape, generator=torch.Generator().manual_seed(6))
+    w2 = torch.randn(post.mean.shape, generator=torch.Generator().manual_seed(7))
+    ((post.mean * w1).sum() + (post.logvar * w2).sum()).backward()
+    cp.reduce_vae_gradients(vae.parameters(), pm)
     vae.eval()
-    bad = {k: _rel(grads["split"][k], r) for k, r in grads["ref"].items() if not _rel(grads["split"][k], r) <= TOL}
+    return {"video": video.grad, **{k: p.grad for k, p in vae.encoder.named_parameters()}}
+
+
+def _backward_case(vae, pm, case, ref):
+    """encode's backward under the split: the video's gradient (whole on every rank) and every parameter's (summed
+    over the VAE group) equal one process's, ref."""
+    layout, T, h, w = case
+    got = _grads(vae, T, h, w, pm, layout)
+    bad = {k: _rel(got[k], r) for k, r in ref.items() if not _rel(got[k], r) <= TOL}
     assert not bad, f"encode backward, layout {layout}, {T} frames: relative errors above {TOL}: {bad}"
 
 
 def _worker(rank, world, forward_cases, backward_cases, checks):
     pm = cp.init_parallel(cp.Parallel(ulysses=world, vae=world))
     vae = _vae()
-    for case in forward_cases:
-        _forward_case(vae, pm, case)
-    for layout, T, h, w in backward_cases:
-        _backward_case(vae, pm, layout, T, h, w)
+    for case, ref in forward_cases:
+        _forward_case(vae, pm, case, ref)
+    for case, ref in backward_cases:
+        _backward_case(vae, pm, case, ref)
     for check in checks:
         globals()[check](rank, world, vae, pm)
+
+
+def _spawn(world, forward_cases, backward_cases, checks):
+    """One spawn of `world` ranks for every case; the one-process results are computed here, once, on one thread
+    like the workers (a different thread count may block the convolutions differently: not the same bits)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        forward = [(c, _reference(c)) for c in forward_cases]
+        backward = [(c, _grads(_vae(), *c[1:])) for c in backward_cases]
+    finally:
+        torch.set_num_threads(threads)
+    run_workers(_worker, world, forward, backward, checks)
 
 
 # ---- errors and the no-op ------------------------------------------------------------------------------------------
@@ -131,7 +153,7 @@ def _check_broken_halo(rank, world, vae, pm):
         for case in [("decode", 1, 5, 3, 5, (2, 1), False, True), ("decode", 1, 5, 3, 5, (1, 2), False, False),
                      ("encode", 1, 17, 2, 3, (2, 1), False, True), ("encode", 1, 9, 3, 2, (1, 2), False, False)]:
             with pytest.raises(AssertionError):
-                _forward_case(vae, pm, case)
+                _forward_case(vae, pm, case, _reference(case))
     finally:
         cp.exchange = real
 
@@ -188,15 +210,15 @@ FOUR = [
 
 
 def test_two_ranks():
-    run_workers(_worker, 2, TWO, [((2, 1), 17, 2, 2), ((1, 2), 9, 3, 2)], ["_check_errors", "_check_broken_halo"])
+    _spawn(2, TWO, [((2, 1), 17, 2, 2), ((1, 2), 9, 3, 2)], ["_check_errors", "_check_broken_halo"])
 
 
 def test_three_ranks():
-    run_workers(_worker, 3, THREE, [((1, 3), 9, 3, 2)], ["_check_outside_group"])
+    _spawn(3, THREE, [((1, 3), 9, 3, 2)], ["_check_outside_group"])
 
 
 def test_four_ranks():
-    run_workers(_worker, 4, FOUR, [((2, 2), 17, 2, 2)], [])
+    _spawn(4, FOUR, [((2, 2), 17, 2, 2)], [])
 
 
 def test_layout_rules():
