@@ -582,6 +582,25 @@ def split_input(x: torch.Tensor, boxes: Sequence, split: VAESplit) -> list:
     return [x[:, :, t0:t1, h0:h1] for t0, t1, h0, h1 in boxes]
 
 
+def _assemble(parts, place, shape):
+    """The whole tensor of `shape` from every rank's flat buffer (parts) and its pieces' places [((t0, h0), shape)]."""
+    out = parts[0].new_empty(shape)
+    for part, boxes in zip(parts, place):
+        offset = 0
+        for (t0, h0), s in boxes:
+            n = math.prod(s)
+            out[:, :, t0:t0 + s[2], h0:h0 + s[3]] = part[offset:offset + n].view(s)
+            offset += n
+    return out
+
+
+def _flat(pieces, place):
+    """This rank's pieces flattened into one buffer, zero-padded to the longest rank's (all-gather needs one size)."""
+    flat = torch.cat([p.reshape(-1) for p in pieces])
+    longest = max(sum(math.prod(s) for _, s in boxes) for boxes in place)
+    return F.pad(flat, (0, longest - flat.numel()))
+
+
 class _GatherPieces(torch.autograd.Function):
     """forward: every rank's output pieces assembled into the whole tensor on every rank (one all-gather of the
     pieces flattened and padded to the longest rank's); backward: this rank's pieces of the gradient (every rank
@@ -589,21 +608,12 @@ class _GatherPieces(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, layout, my_boxes, group, *pieces):
-        shape, per_rank = layout
-        flat = torch.cat([p.reshape(-1) for p in pieces])
-        longest = max(sum(math.prod(s) for _, s in boxes) for boxes in per_rank)
-        flat = F.pad(flat, (0, longest - flat.numel()))
-        parts = [torch.empty_like(flat) for _ in per_rank]
+        shape, place = layout
+        flat = _flat(pieces, place)
+        parts = [torch.empty_like(flat) for _ in place]
         dist.all_gather(parts, flat, group=group)
-        out = flat.new_empty(shape)
-        for part, boxes in zip(parts, per_rank):
-            offset = 0
-            for (t0, h0), s in boxes:
-                n = math.prod(s)
-                out[:, :, t0:t0 + s[2], h0:h0 + s[3]] = part[offset:offset + n].view(s)
-                offset += n
         ctx.my_boxes = my_boxes
-        return out
+        return _assemble(parts, place, shape)
 
     @staticmethod
     def backward(ctx, grad):
@@ -629,22 +639,10 @@ def gather_pieces(pieces: Sequence, keys: Sequence, split: VAESplit, everywhere:
     my_boxes = [((t_at[c], h_at[si]), tuple(p.shape)) for (c, si), p in zip(keys, pieces)]
     if everywhere:
         return _GatherPieces.apply((shape, place), my_boxes, split.group, *pieces)
-    flat = torch.cat([p.reshape(-1) for p in pieces])
-    longest = max(sum(math.prod(s) for _, s in boxes) for boxes in place)
-    flat = F.pad(flat, (0, longest - flat.numel()))
-    first = dist.get_global_rank(split.group, 0) if split.group is not dist.group.WORLD else 0
-    parts = [torch.empty_like(flat) for _ in place] if split.rank_of(split.ti, split.si) == first else None
-    dist.gather(flat, parts, dst=first, group=split.group)
-    if parts is None:
-        return None
-    out = flat.new_empty(shape)
-    for part, boxes in zip(parts, place):
-        offset = 0
-        for (t0, h0), s in boxes:
-            n = math.prod(s)
-            out[:, :, t0:t0 + s[2], h0:h0 + s[3]] = part[offset:offset + n].view(s)
-            offset += n
-    return out
+    flat = _flat(pieces, place)
+    parts = [torch.empty_like(flat) for _ in place] if split.rank_of(split.ti, split.si) == 0 else None
+    dist.gather(flat, parts, dst=0, group=split.group)   # the vae group's rank 0 is global rank 0
+    return None if parts is None else _assemble(parts, place, shape)
 
 
 def check_same_vae(split: VAESplit, what: str, value) -> None:

@@ -237,3 +237,64 @@ def test_layout_rules():
         vae.split_layout("decode", (1, 16, 13, 4, 4), 8, layout=(8, 1))
     with pytest.raises(ValueError, match="ranks must be a positive int"):
         vae.split_layout("decode", (1, 16, 13, 4, 4), 0)
+
+
+# ---- the benchmark's cost model and the suite under two processes ---------------------------------------------------
+def test_cost_model():
+    """bench/suites/vae_parallel.predict on a hand-made profile: the documented formula, term by term."""
+    from bench.suites.vae_parallel import LATENCY_S, STATS_BYTES, Profile, predict
+    layer = (1.0, "conv", (1, 4, 2, 8, 8))                 # 1 s, input (B, C, T, H, W), fp32
+    prof = Profile(chunks=[[layer], [layer], [layer]], rest_s=[0.5, 0.5, 0.5], rows=8, out_bytes=3000, item=4)
+    bw = 1e9                                               # 1 GB/s
+    one = predict(prof, (1, 1), 1.0)
+    assert one["seconds"] == pytest.approx(4.5) and one["comm_s"] == 0 and one["one_process_s"] == pytest.approx(4.5)
+    temporal_halo = 2 * 1 * 4 * 8 * 8 * 4                 # the last 2 frames of the conv input
+    p = predict(prof, (3, 1), 1.0)                         # one round of three chunks
+    assert p["compute_s"] == pytest.approx(1.5)
+    assert p["comm_s"] == pytest.approx(LATENCY_S + temporal_halo / bw + 3000 * 2 / 3 / bw)
+    p = predict(prof, (2, 1), 1.0)                         # rounds [0, 1], [2]
+    assert p["compute_s"] == pytest.approx(3.0) and p["sent_bytes"] == 2 * temporal_halo
+    spatial_halo = 2 * 1 * 4 * (2 + 2) * 8 * 4 + STATS_BYTES
+    p = predict(prof, (1, 2), 1.0)                         # half the rows each, three rounds
+    assert p["compute_s"] == pytest.approx(2.25)
+    assert p["comm_s"] == pytest.approx(3 * (LATENCY_S + spatial_halo / bw) + 3000 / 2 / bw)
+    p = predict(prof, (1, 3), 1.0)                         # 8 rows on 3 ranks: the busiest does 3 of 8
+    assert p["compute_s"] == pytest.approx(3 * 1.5 * 3 / 8)
+
+
+def test_profile_decode():
+    """The profile of the tiny VAE: one entry per decode chunk, a time and shape per causal conv and upsampler."""
+    from bench.suites.vae_parallel import predict, profile_decode
+    from cogvideox.vae import CausalConv3d, Upsample3D
+    vae = _vae()
+    z = _input("decode", 1, 5, 2, 3)
+    prof = profile_decode(vae, z)
+    layers = sum(isinstance(m, Upsample3D) or (isinstance(m, CausalConv3d) and m.kernel_size > 1)
+                 for m in vae.decoder.modules())
+    assert len(prof.chunks) == 2 and all(len(c) == layers for c in prof.chunks)        # chunks of 3 and 2 latents
+    assert prof.chunks[0][0][2] == (1, 16, 3, 2, 3) and prof.chunks[1][0][2] == (1, 16, 2, 2, 3)   # conv_in inputs
+    assert prof.out_bytes == 3 * 17 * 16 * 24 * 4 and prof.rows == 2
+    assert all(t > 0 for c in prof.chunks for t, _, _ in c) and min(prof.rest_s) >= 0
+    p = predict(prof, (2, 1), 10.0)
+    assert 0 < p["compute_s"] < p["one_process_s"] and p["sent_bytes"] > 0
+
+
+def _bench_worker(rank, world, out):
+    from bench.cli import main
+    assert main(["vae_parallel", "--filter", "480x720", "--out", out, "--no-plots", "--budget", "0.01"]) == 0
+
+
+def test_bench_suite_two_processes(tmp_path):
+    """`python -m bench vae_parallel` as torchrun runs it, on 2 gloo processes: rows for one process and the split,
+    each with its predicted time; rank 1 writes under rank1/."""
+    import json
+    run_workers(_bench_worker, 2, str(tmp_path), timeout=300)
+    for rank, where in enumerate((tmp_path, tmp_path / "rank1")):
+        rows = json.loads((where / "results.json").read_text())["rows"]
+        by_impl = {r["impl"]: r for r in rows}
+        assert set(by_impl) == {"1 process", "split 2"}, by_impl.keys()
+        assert all(r["status"] == "ok" and r["extra"]["predicted_ms"] > 0 for r in rows), rows
+        split = by_impl["split 2"]["extra"]
+        assert split["layout"] == [2, 1] and split["link_gbps"] > 0
+        # chunks 3 | 2: rank 0 sends its halos, rank 1 (the last chunk) none; the model counts the busiest rank's
+        assert split["sent_bytes"] == (split["predicted_sent_bytes"] if rank == 0 else 0)
