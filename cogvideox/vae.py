@@ -14,6 +14,9 @@ Everything that parity depends on is in ../shared/reference/diffusers-cogvideox.
   runs every frame as one chunk instead, i.e. whole-video statistics (the paper's context-parallel training);
 - spatial tiling uses diffusers' tile sizes, overlaps and linear blending; here it is switched on automatically
   when one untiled chunk would not fit the memory budget.
+- across ranks (`parallel=`, `split_run`): chunks run round-robin on temporal ranks in lock-step, each causal
+  conv's cache arriving from the rank of the previous chunk; rows split over spatial ranks with row halos and
+  GroupNorm statistics merged over them. The collectives are in cogvideox/parallel.py.
 Module names follow the checkpoint keys, so `load_vae` loads a diffusers directory as is.
 """
 from __future__ import annotations
