@@ -1,15 +1,16 @@
 """vae_parallel: the VAE decode split over processes (CogVideoXVAE.decode(parallel=)), against one process, with a
 cost model that predicts the split time from one process's per-layer times and a link bandwidth.
 
-    torchrun --nproc-per-node N -m bench vae_parallel     # every rank runs the suite; rank r > 0 writes to rank<r>/
+    torchrun --nproc-per-node N -m bench vae_parallel
     python -m bench vae_parallel                          # one process: its rows and the predictions for 2, 4, 8
+Under torchrun every rank runs the suite and rank 0 prints and writes (bench/cli.py).
 
 Cases: decode of 13 latents at 480x720 and of 21 at 768x1360, B = 1, random weights (on a CPU: the tiny preset at
 small sizes, gloo). Variants: "1 process" (this rank decodes the whole video alone) and "split N" (the decode split
 over the N ranks, the layout chosen by split_layout; every rank gets the whole video). Time and peak memory are
-per rank. Row extras: layout, bytes this rank sent, the link bandwidth used, "predicted_ms" (the cost model; the
-runner prints it as "predicted" beside the measured time), the measured and predicted scaling efficiency
-(one-process time / (N x split time)).
+per rank (rank 0's row; every rank's bytes sent and, on CUDA, peak memory are in the split row's extras). Row
+extras: layout, bytes sent, the link bandwidth used, "predicted_ms" (the cost model), the predicted scaling
+efficiency (one-process time / (N x split time)); the printed row ends with "predicted ... ms".
 
 Cost model (`predict`). Input: a one-process profile (`profile_decode`: per chunk, the time of every causal conv
 and upsampler and that layer's input shape). Ranks run in lock-step rounds (chunk i on temporal rank i % t); a rank
@@ -171,8 +172,8 @@ def link_gbps(pm, device, nbytes: int) -> float:
 
 def _case(name: str, ctx: Context) -> Case:
     full, small = JOBS[name]
-    shape = full if ctx.full else small
     cfg = _build.vae_config(ctx)
+    shape = full if ctx.full else (small[0], cfg.latent_channels, *small[2:])   # the tiny preset's latent channels
     pm = _mesh()
     n = 1 if pm is None else pm.settings.vae
 
@@ -201,6 +202,7 @@ def _case(name: str, ctx: Context) -> Case:
             # predicted_ms: the model for one process, i.e. the profile's sum (a check of the profile itself)
             out = {"ranks": 1, "link_gbps": gbps, "link_measured": pm is not None and "BENCH_LINK_GBPS" not in
                    os.environ, "predicted_ms": predict(prof, (1, 1), gbps)["seconds"] * 1e3}
+            out["summary"] = f"predicted {out['predicted_ms']:.3f} ms (the profile's sum)"
             for k in (2, 4, 8):   # what the model predicts for k ranks from this one process's profile
                 layout = vae.split_layout("decode", z.shape, k)[0]
                 p = predict(prof, layout, gbps)
@@ -221,11 +223,20 @@ def _case(name: str, ctx: Context) -> Case:
             return run
 
         def split_extra():
+            import torch.distributed as dist
             layout = vae.last_split.temporal, vae.last_split.spatial
             p = predict(state["profile"], layout, gbps)
+            mine = (vae.last_split.sent, torch.cuda.max_memory_allocated(ctx.device) if ctx.device.type == "cuda"
+                    else None)
+            every = [None] * n
+            dist.all_gather_object(every, mine)                      # every rank runs collect: same calls
             return {"ranks": n, "layout": list(layout), "sent_bytes": vae.last_split.sent, "link_gbps": gbps,
+                    "sent_bytes_per_rank": [e[0] for e in every], "peak_mem_bytes_per_rank": [e[1] for e in every],
                     "predicted_ms": p["seconds"] * 1e3, "predicted_sent_bytes": p["sent_bytes"],
-                    "predicted_efficiency": p["one_process_s"] / (n * p["seconds"])}
+                    "predicted_efficiency": p["one_process_s"] / (n * p["seconds"]),
+                    "summary": f"predicted {p['seconds'] * 1e3:.3f} ms (layout {layout[0]}x{layout[1]}, link "
+                               f"{gbps:.3g} GB/s, efficiency {p['one_process_s'] / (n * p['seconds']):.2f}), "
+                               f"rank 0 sent {vae.last_split.sent / 2 ** 20:.2f} MiB"}
 
         # Fixed repetitions (never the time budget): every rank must call the split decode equally often.
         common = dict(pass_="decode", min_reps=3, max_reps=3, warmup=1) if ctx.full else dict(
