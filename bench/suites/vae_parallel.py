@@ -244,8 +244,9 @@ def _case(name: str, ctx: Context) -> Case:
         variants = [Variant("1 process", one, backend="kernels" if ctx.device.type == "cuda" else "references (CPU)",
                             collect=one_extra, **common)]
         if pm is not None:
-            variants.append(Variant(f"split {n}", split, backend=f"{n} ranks, {'nccl' if ctx.device.type == 'cuda' else 'gloo'}",
-                                    collect=split_extra, **common))
+            backend = "nccl" if ctx.device.type == "cuda" else "gloo"
+            variants.append(Variant(f"split {n}", split, backend=f"{n} ranks, {backend}", collect=split_extra,
+                                    **common))
         return variants
 
     item = torch.tensor([], dtype=ctx.dtype).element_size()
@@ -255,7 +256,7 @@ def _case(name: str, ctx: Context) -> Case:
 
 def cases(ctx: Context) -> list[Case]:
     _build.require_cogvideox("vae", "config", "parallel")
-    if ctx.device.type == "cuda" and _mesh() is not None and ctx.device.index != int(os.environ.get("LOCAL_RANK", 0)):
+    if ctx.device.type == "cuda" and _mesh() is not None and ctx.device.index != int(os.environ.get("LOCAL_RANK", "0")):
         raise SuiteSkipped(f"this rank runs on {ctx.device}, not cuda:LOCAL_RANK")
     return [_case(name, ctx) for name in JOBS]
 
