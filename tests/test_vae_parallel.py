@@ -67,8 +67,8 @@ def _forward_case(vae, pm, case, ref):
 
 
 def _grads(vae, T, h, w, pm=None, layout=None):
-    """encode's backward: {"video": dL/dvideo, encoder parameter name: dL/dparameter}, L a random projection of the
-    posterior's mean and logvar; split over pm's ranks (parameter gradients summed over them) when pm is given."""
+    """encode's forward with autograd and its backward: {"posterior": mean | logvar, "video": dL/dvideo, encoder
+    parameter name: dL/dparameter}, L a random projection of the posterior's mean and logvar; split over pm's ranks (parameter gradients summed over them) when pm is given."""
     vae.train()
     vae.zero_grad(set_to_none=True)
     video = _input("encode", 1, T, h, w).requires_grad_(True)
@@ -78,7 +78,8 @@ def _grads(vae, T, h, w, pm=None, layout=None):
     ((post.mean * w1).sum() + (post.logvar * w2).sum()).backward()
     cp.reduce_vae_gradients(vae.parameters(), pm)
     vae.eval()
-    return {"video": video.grad, **{k: p.grad for k, p in vae.encoder.named_parameters()}}
+    return {"posterior": torch.cat([post.mean, post.logvar], dim=1).detach(), "video": video.grad,
+            **{k: p.grad for k, p in vae.encoder.named_parameters()}}
 
 
 def _backward_case(vae, pm, case, ref):
