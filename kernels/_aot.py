@@ -25,6 +25,7 @@ class CompiledInfo:
     local_bytes: int
     ttir: str
     ptx: str
+    shared_bytes: int = 0   # shared memory per program (Triton allocates it dynamically: not in cuobjdump's SHARED)
 
     @property
     def spills(self) -> bool:
@@ -58,7 +59,8 @@ def compile_sm90(fn, signature: dict, constexprs: dict, num_warps: int = 4, num_
     m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", usage)
     if m is None:
         raise RuntimeError(f"could not read resource usage from cuobjdump:\n{usage}")
-    return CompiledInfo(int(m.group(1)), int(m.group(2)), int(m.group(3)), compiled.asm["ttir"], compiled.asm["ptx"])
+    return CompiledInfo(int(m.group(1)), int(m.group(2)), int(m.group(3)), compiled.asm["ttir"], compiled.asm["ptx"],
+                        compiled.metadata.shared)
 
 
 # The child: one per process that asks, started on the first compile and reused (each start imports torch and
