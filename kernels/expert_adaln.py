@@ -235,24 +235,31 @@ def _expert_adaln_bwd_kernel(
             tl.store(PART + PL_B * plane + p_off, acc_do * scale1, mask=mask)
 
 
+PIPELINE_SMEM = 160 * 1024   # of the 227 KB of shared memory a Hopper program may use (the rest: reductions)
+
+
 def launch_config(B: int, S: int, D: int, n_sm: int, itemsize: int = 2) -> dict:
     """Block size, warps, pipeline stages and rows per program of both kernels for a (B, S, D) problem on n_sm SMs
     with itemsize-byte activations.
 
-    One row is one BLOCK_D vector, 8 elements per thread (16 warps at BLOCK_D = 4096: one program per SM at the
-    ~100-118 registers of the AOT build, two at BLOCK_D = 2048). Each program walks its rows through a software
-    pipeline of STAGES: the loads of the next STAGES - 1 rows are copied into shared memory (cp.async) while the
-    current row reduces, so a program keeps up to 3 rows in flight, 2 x 24 KB of loads at 5B in bf16 (fp32: one
-    row ahead; 4 row vectors x 16 KB x 2 stages = 128 KB of shared memory at most). Long programs amortize the
-    pipeline's fill: forward ~4 programs per SM (68 rows each at 2 x 17,776 tokens on 132 SMs), backward ~2,
-    which also keeps its fp32 partials small: at most 5 planes x 264 programs x E x D x 4 B, 32 MB for 5B
-    (~5% of the backward's traffic).
+    One row is one BLOCK_D vector, 8 elements per thread: 16 warps at BLOCK_D = 4096 (5B), one program per SM at
+    the 91-126 registers of the sm_90 build; 8 warps at 2048 (2B), two. Each program walks its rows through a
+    software pipeline of STAGES: the loads of the next STAGES - 1 rows are copied into shared memory (cp.async)
+    while the current row reduces, so up to 3 rows are in flight, 2 x 24 KB of loads ahead at 5B in bf16 (fp32:
+    one row ahead). Fewer stages where the rows would not fit in PIPELINE_SMEM: no pipeline from BLOCK_D = 32768
+    in bf16, 16384 in fp32. Long programs amortize the pipeline's fill: forward ~4 programs per SM (68 rows each
+    at 2 x 17,776 tokens on 132 SMs), backward ~2, which also keeps its fp32 partials small: at most 5 planes x
+    264 programs x E x D x 4 B, 32 MB for 5B (~5% of the backward's traffic).
     """
     block_d = triton.next_power_of_2(D)
     fwd_rows = triton.cdiv(S, max(1, triton.cdiv(4 * n_sm, B)))
     bwd_rows = triton.cdiv(S, max(1, triton.cdiv(2 * n_sm, B)))
     warps = max(1, min(16, block_d // 256))
-    return dict(BLOCK_D=block_d, fwd_warps=warps, bwd_warps=warps, STAGES=3 if itemsize <= 2 else 2,
+    # the pipeline holds STAGES - 1 rows of up to 4 vectors (backward: x, dout, dx_new, y) in shared memory
+    stages = 3 if itemsize <= 2 else 2
+    while stages > 1 and (stages - 1) * 4 * block_d * itemsize > PIPELINE_SMEM:
+        stages -= 1
+    return dict(BLOCK_D=block_d, fwd_warps=warps, bwd_warps=warps, STAGES=stages,
                 fwd_rows=fwd_rows, fwd_progs=triton.cdiv(S, fwd_rows),
                 bwd_rows=bwd_rows, bwd_progs=triton.cdiv(S, bwd_rows))
 

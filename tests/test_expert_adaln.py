@@ -532,6 +532,18 @@ def test_aot_pipelined_row_loop(aot_results):
             assert loop["bar_sync"] <= (3 if r["kernel"] == "bwd" else 4), (r["model"], r["kernel"], loop)
 
 
+HOPPER_SMEM = 227 * 1024   # the most shared memory one program may use on sm_90
+
+
+def test_aot_pipeline_fits_shared_memory(aot_results):
+    """The pipeline's shared memory fits a Hopper program at CogVideoX widths, and at wider rows, where
+    launch_config drops stages (the launch would fail otherwise; the interpreter would not notice)."""
+    for r in aot_results:
+        assert r["shared"] <= HOPPER_SMEM, r
+    wide = _aot_build(dict(B=2, S=4096, D=16384), "bf16", 1, "bwd")       # 2 stages of 4 x 32 KB rows
+    assert 64 * 1024 < wide["shared"] <= HOPPER_SMEM, wide
+
+
 def test_aot_int64_offsets(aot_results):
     """Batch and row indices are widened before they meet a stride: every row offset multiply is i64. The only
     i32 multiplies left are pid * rows_per_prog (< S) and the program count (< 2^16)."""
