@@ -25,13 +25,14 @@ then vision rows), loading the segment's modulation vectors once; each row is on
 per thread. Grid (B, programs per sample): the batch on axis 0 (up to 2^31 - 1), the program count, which
 launch_config bounds by ~4 (forward) and ~2 (backward) x the SM count whatever S is, on axis 1 (CUDA allows 65535).
 
-What the sm_90 build does (AOT, 5B shapes B=2, S=17776, D=3072, bf16, residual; tests/test_expert_adaln.py): the
-row loop is software-pipelined (tl.range num_stages): every vector load of the next two rows (x or x_new, dout,
-dx_new, y, the statistics) is a cp.async into shared memory issued before this row's reductions, and the row's
-shift x[0], a 2-byte load the pipeliner leaves alone, is loaded one row ahead by hand. Per backward row that is 3
-bar.sync (one cp.async wait, one two-value reduction), against 8 before, with the dx_new and y loads issued after
-all of them; per forward row 4. Registers (no spills): backward 126 at 16 warps (one program of 16 warps per SM),
-forward 98; at 2B (D = 1920, 8 warps) <= 128, two programs per SM. Not yet timed on a GPU.
+What the sm_90 build does (SASS by cuobjdump of the AOT build at 5B shapes B=2, S=17776, D=3072, bf16, residual;
+the PTX-level counts are asserted in tests/test_expert_adaln.py): the row loop is software-pipelined
+(tl.range num_stages). Each backward row issues 6 LDGSTS (cp.async into shared memory: x_new, dout, dx_new, y and
+the two statistics of the row two ahead), 1 LDG.U16 (the next row's shift x[0], a 2-byte load the pipeliner leaves
+in place, loaded one row ahead by hand), then waits at 3 BAR.SYNC (the pipeline's, and one two-value reduction)
+and writes 2 STG. Before: LDG x, dout; 8 BAR.SYNC (four reductions); LDG dx_new, y; so every row waited for DRAM
+twice. A forward row: 2 LDGSTS, 2 LDG.U16, 4 BAR.SYNC, 4 STG. Registers, no spills: backward 126 at 16 warps (one
+program per SM), forward 98; at 2B (D = 1920, 8 warps) <= 128, two programs per SM. Not yet timed on a GPU.
 """
 from __future__ import annotations
 
