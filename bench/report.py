@@ -140,6 +140,9 @@ def render(doc: dict, plots: list[str], plot_note: str | None) -> str:
             lines += ["", *table8(rows)]
         if name == "e2e":
             lines += ["", *table7(rows)]
+        if name == "parallel":
+            from .suites.parallel import report_lines
+            lines += ["", *report_lines(rows)]
         other: dict = {}
         for r in rows:
             if r["status"] != "ok":   # grouped: an unavailable backend would otherwise repeat once per shape

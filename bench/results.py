@@ -60,9 +60,17 @@ def validate(doc: dict) -> None:
 
 
 def load(path: str) -> dict:
-    with open(path, encoding="utf-8") as f:
-        doc = json.load(f)
-    validate(doc)
+    """A checked results.json; a file that is not one (not UTF-8, not JSON, the wrong schema) is a SchemaError
+    naming it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SchemaError(f"{path}: not a results.json (not JSON: {e})") from None
+    try:
+        validate(doc)
+    except SchemaError as e:
+        raise SchemaError(f"{path}: {e}") from None
     return doc
 
 

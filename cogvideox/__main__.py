@@ -51,7 +51,17 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     run.add_argument("--fps", type=int, help="mp4 frame rate (default 8; 16 for 1.5 models)")
     run.add_argument("--no-progress", action="store_true")
+    run.add_argument("--save-latents", metavar="FILE",
+                     help="also write the final latents (B, F, C, h, w), as decoded, to FILE (safetensors, key "
+                          "'latents'), on one process and under torchrun alike")
+    par = g.add_argument_group("parallelism (under torchrun)")
+    par.add_argument("--parallel", metavar="SPEC",
+                     help="context parallelism, e.g. ulysses=2,ring=2,cfg=2,vae=4 (omitted keys are 1; ulysses x "
+                          "ring x cfg = the number of processes): torchrun --nproc-per-node N -m cogvideox generate "
+                          "--parallel ... ; rank 0 writes the output")
     g.set_defaults(subparser=g)   # errors are reported with the subcommand's usage
+    from .train_cli import add_parsers
+    add_parsers(sub)              # train, encode-dataset
     return parser
 
 
@@ -80,10 +90,22 @@ def check_args(parser, a):
         _fail(parser, f"--image {a.image}: no such file")
     if not 1 <= a.steps <= 1000:
         _fail(parser, f"--steps must be in [1, 1000], got {a.steps}")
-    if a.guidance < 0:
-        _fail(parser, f"--guidance must be >= 0, got {a.guidance}")
-    if a.fps is not None and a.fps <= 0:
-        _fail(parser, f"--fps must be > 0, got {a.fps}")
+    try:   # inf guidance writes NaN frames; NaN guidance would silently turn CFG off
+        P.check_number("--guidance", a.guidance, 0.0)
+        if a.fps is not None:
+            P.check_number("--fps", a.fps, 0.0, strict=True)
+    except ValueError as e:
+        _fail(parser, str(e))
+    if a.parallel is not None:
+        from .parallel import Parallel, ParallelError
+
+        try:
+            a.parallel = Parallel.parse(a.parallel)
+        except ParallelError as e:
+            _fail(parser, str(e))
+        if not os.environ.get("WORLD_SIZE") or not os.environ.get("RANK"):
+            _fail(parser, f"--parallel needs torchrun: torchrun --nproc-per-node {a.parallel.world_size} -m cogvideox "
+                          "generate --parallel ...")
     if a.device != "auto":
         try:
             dev = torch.device(a.device)
@@ -93,15 +115,16 @@ def check_args(parser, a):
             _fail(parser, f"--device {a.device}: CUDA is not available here")
 
     if a.model is not None:
-        from .weights import CheckpointError, read_config
+        from .weights import CheckpointError, parse_config, read_config
 
         need_t5 = a.prompt is not None
         try:
             P.check_model_dir(a.model, need_text_encoder=need_t5)
-            cfg = TransformerConfig.from_diffusers_config(read_config(os.path.join(a.model, "transformer")))
+            tdir = os.path.join(a.model, "transformer")
+            cfg = parse_config(tdir, read_config(tdir), TransformerConfig.from_diffusers_config)
             factors = P.read_vae_factors(os.path.join(a.model, "vae"))
             P.read_scheduler_config(a.model)
-        except (FileNotFoundError, ValueError, CheckpointError) as e:
+        except (FileNotFoundError, ValueError, TypeError, CheckpointError) as e:
             _fail(parser, str(e))
     else:
         cfg = TransformerConfig.preset(a.preset)
@@ -123,15 +146,22 @@ def check_args(parser, a):
     return cfg, factors
 
 
-def _load_embeds(path: str, parser):
+def _load_embeds(path: str, parser, cfg):
+    """(prompt_embeds, negative_prompt_embeds or None) from a .safetensors or .pt file, every check made here
+    (before any model loads): readable, tensors where tensors belong, (B, L, D) with B, L > 0, D = the model's
+    text width, floating point and finite, the negative shaped like the positive."""
     import torch
 
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
 
-        data = load_file(path)
-    else:
-        data = torch.load(path, map_location="cpu", weights_only=True)
+            data = load_file(path)
+        else:
+            data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:   # safetensors, pickle and zip errors have no common base: any failure is "unreadable"
+        _fail(parser, f"--prompt-embeds {path}: cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+              if str(e) else f"--prompt-embeds {path}: cannot be read ({type(e).__name__})")
     if isinstance(data, torch.Tensor):
         data = {"prompt_embeds": data}
     if not isinstance(data, dict) or "prompt_embeds" not in data:
@@ -139,12 +169,63 @@ def _load_embeds(path: str, parser):
     out = []
     for key in ("prompt_embeds", "negative_prompt_embeds"):
         t = data.get(key)
+        if t is not None and not isinstance(t, torch.Tensor):
+            _fail(parser, f"--prompt-embeds {path}: {key} must be a tensor, got {type(t).__name__}")
         if t is not None and t.dim() == 2:
             t = t[None]
-        if t is not None and t.dim() != 3:
-            _fail(parser, f"--prompt-embeds {path}: {key} must be (B, L, D), got {tuple(t.shape)}")
+        if t is not None and (t.dim() != 3 or 0 in t.shape[:2]):
+            _fail(parser, f"--prompt-embeds {path}: {key} must be (B, L, D) with B, L > 0, got {tuple(t.shape)}")
+        if t is not None and not (t.is_floating_point() and bool(torch.isfinite(t).all())):
+            _fail(parser, f"--prompt-embeds {path}: {key} must hold finite floating-point numbers ({t.dtype})")
         out.append(t)
-    return out
+    pos, neg = out
+    if pos.shape[2] != cfg.text_embed_dim or (neg is not None and neg.shape != pos.shape):
+        _fail(parser, f"--prompt-embeds: prompt_embeds {tuple(pos.shape)} / negative "
+                      f"{None if neg is None else tuple(neg.shape)} do not fit a model with text width "
+                      f"{cfg.text_embed_dim}")
+    return pos, neg
+
+
+def _load_image(path: str, parser, height: int, width: int):
+    """The --image file, decoded and resized now, so that a file that is not an image fails before any model."""
+    from PIL import Image, UnidentifiedImageError
+
+    from . import pipeline as P
+
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return P.prepare_image(img, height, width)
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+        _fail(parser, f"--image {path}: not a readable image ({e})")
+
+
+def _vae_available() -> bool:
+    try:   # the VAE module is optional: without it the latents are saved instead of a video
+        from .vae import CogVideoXVAE  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _output_paths(a, batch: int, with_vae: bool) -> list[tuple[str, bool]]:
+    """(path, is a folder) of everything save_outputs will write."""
+    from . import pipeline as P
+
+    extra = [(a.save_latents, False)] if a.save_latents is not None else []
+    if not with_vae:
+        return [(os.path.splitext(a.out)[0] + ".latents.safetensors", False)] + extra
+    return [P.output_target(_numbered(a.out, i, batch)) for i in range(batch)] + extra
+
+
+def _check_outputs(parser, a, batch: int, with_vae: bool) -> None:
+    from . import pipeline as P
+
+    for path, folder in _output_paths(a, batch, with_vae):
+        try:
+            P.check_output(path, folder)
+        except ValueError as e:
+            _fail(parser, f"--out {a.out}: {e}")
 
 
 def generate_command(parser, a) -> int:
@@ -154,20 +235,34 @@ def generate_command(parser, a) -> int:
 
     cfg, factors = check_args(parser, a)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device)
+    pm = None
+    if a.parallel is not None:
+        from .parallel import ParallelError, check_same, init_parallel
+
+        try:
+            pm = init_parallel(a.parallel, device)
+            # every rank must sample the same video: compare what shapes the run, once, before any work
+            check_same(pm, "the generate arguments", {k: v for k, v in sorted(vars(a).items()) if k != "subparser"})
+        except ParallelError as e:
+            _fail(parser, str(e))
+        device = pm.device
+        if pm.rank != 0:
+            a.no_progress = True
     dtype_name = a.dtype if a.dtype != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     dtype = getattr(torch, DTYPES[dtype_name])
+    # every input is read and checked before any model loads: nothing fails after minutes of loading or sampling
     pos = neg = None
     if a.prompt_embeds is not None:
-        pos, neg = _load_embeds(a.prompt_embeds, parser)
-        L, D = pos.shape[1:]
-        if D != cfg.text_embed_dim or (neg is not None and neg.shape != pos.shape):
-            _fail(parser, f"--prompt-embeds: prompt_embeds {tuple(pos.shape)} / negative "
-                          f"{None if neg is None else tuple(neg.shape)} do not fit a model with text width "
-                          f"{cfg.text_embed_dim}")
+        pos, neg = _load_embeds(a.prompt_embeds, parser, cfg)
         no_t5 = a.random_init or not os.path.isdir(os.path.join(a.model, "text_encoder"))
         if neg is None and a.guidance > 1 and no_t5:
             _fail(parser, "--guidance > 1 needs negative_prompt_embeds in the --prompt-embeds file (or a model "
                           "with a text encoder to encode --negative-prompt)")
+    with_vae = _vae_available()
+    if a.image is not None and not with_vae:
+        _fail(parser, "--image needs the VAE (cogvideox.vae) to encode the image")
+    image = _load_image(a.image, parser, a.height, a.width) if a.image is not None else None
+    _check_outputs(parser, a, pos.shape[0] if pos is not None else 1, with_vae)
     generator = torch.Generator().manual_seed(a.seed)   # CPU generator: the same noise on every device
 
     if a.random_init:
@@ -217,18 +312,21 @@ def generate_command(parser, a) -> int:
         transformer, vae, factors, snr = m.transformer, m.vae, m.factors, m.snr_shift_scale
     pos = pos.to(device=device, dtype=dtype)
     neg = neg.to(device=device, dtype=dtype) if neg is not None else None
-    image = None
-    if a.image is not None:
-        if vae is None:
-            _fail(parser, "--image needs the VAE (cogvideox.vae) to encode the image")
-        from PIL import Image
-
-        image = P.prepare_image(Image.open(a.image), a.height, a.width).expand(pos.shape[0], -1, -1, -1)
+    if image is not None:
+        image = image.expand(pos.shape[0], -1, -1, -1)
 
     out = P.generate(transformer, pos, neg, num_frames=a.frames, height=a.height, width=a.width, steps=a.steps,
                      guidance_scale=a.guidance, use_dynamic_cfg=a.dynamic_cfg, sampler=a.sampler,
                      snr_shift_scale=snr, generator=generator, vae=vae, factors=factors, image=image,
-                     progress=not a.no_progress)
+                     progress=not a.no_progress, parallel=pm)
+    if pm is not None and pm.rank != 0:
+        return 0   # rank 0 writes the files
+    if a.save_latents is not None:
+        from safetensors.torch import save_file
+
+        with P.atomic_output(a.save_latents) as tmp:
+            save_file({"latents": out.latents[:, out.dropped_frames:].float().contiguous().cpu()}, tmp)
+        print(f"wrote: {a.save_latents}")
     written = save_outputs(out, a, cfg)
     for p in written:
         print(f"wrote: {p}")
@@ -251,8 +349,8 @@ def save_outputs(out, a, cfg) -> list[str]:
         from safetensors.torch import save_file
 
         path = os.path.splitext(a.out)[0] + ".latents.safetensors"
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        save_file({"latents": out.latents[:, out.dropped_frames:].float().contiguous().cpu()}, path)
+        with P.atomic_output(path) as tmp:
+            save_file({"latents": out.latents[:, out.dropped_frames:].float().contiguous().cpu()}, tmp)
         print("no VAE available (cogvideox.vae not importable): saving the latents (B, F, C, h, w), not a video")
         return [path]
     frames = P.to_uint8(out.video)
@@ -296,7 +394,16 @@ def main(argv=None) -> int:
     parser = build_parser()
     a = parser.parse_args(argv)
     if a.command == "generate":
-        return generate_command(a.subparser, a)
+        try:
+            return generate_command(a.subparser, a)
+        finally:   # under torchrun: leave the process group cleanly, on every exit path
+            import torch.distributed as dist
+
+            if dist.is_available() and dist.is_initialized():
+                dist.destroy_process_group()
+    if a.command in ("train", "encode-dataset"):
+        from . import train_cli
+        return (train_cli.train_command if a.command == "train" else train_cli.encode_dataset_command)(a.subparser, a)
     return 1
 
 

@@ -6,7 +6,45 @@ constructor arguments.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
+
+
+def _check_fields(config, positive=(), integral_floats=()) -> None:
+    """Types and signs of every field, from its annotation: ints are ints (not 2.0, "1" or True), bools are bools,
+    floats are finite numbers, tuples hold positive ints; `positive` fields must be > 0. A config.json value of the
+    wrong type would otherwise fail deep inside the model (or, worse, silently change it). `integral_floats`:
+    int fields whose diffusers type is float (4.0 is read as 4)."""
+    problems = []
+    for f in dataclasses.fields(config):
+        v, kind = getattr(config, f.name), str(f.type).replace(" ", "")
+        if v is None and kind.endswith("|None"):
+            continue
+        kind = kind.removesuffix("|None")
+        if kind == "int" and f.name in integral_floats and isinstance(v, float) and v.is_integer():
+            v = int(v)
+            object.__setattr__(config, f.name, v)
+        if kind == "int":
+            ok = isinstance(v, int) and not isinstance(v, bool)
+        elif kind == "float":
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            if ok:
+                object.__setattr__(config, f.name, float(v))
+        elif kind == "bool":
+            ok = isinstance(v, bool)
+        elif kind == "tuple":
+            ok = isinstance(v, tuple) and all(isinstance(x, int) and not isinstance(x, bool) for x in v)
+        else:
+            raise TypeError(f"{type(config).__name__}.{f.name}: no type check for {f.type!r}")
+        if not ok:
+            want = {"float": "a finite number", "tuple": "a list of ints"}.get(kind, f"a{'n' * (kind == 'int')} "
+                                                                                   f"{kind}")
+            problems.append(f"{f.name} must be {want}{' or null' if str(f.type).endswith('None') else ''}, got "
+                            f"{v!r} ({type(v).__name__})")
+        elif f.name in positive and (min(v, default=0) if kind == "tuple" else v) <= 0:
+            problems.append(f"{f.name} must be > 0, got {v!r}")
+    if problems:
+        raise ValueError(f"invalid {type(config).__name__}: " + "; ".join(problems))
 
 
 def _from_diffusers(cls, cfg: dict, model: str, fixed: dict, ignored=frozenset(), problems=()):
@@ -61,6 +99,12 @@ class TransformerConfig:
     patch_bias: bool = True                      # 1.0 conv bias; the 1.5 Linear always has one (diffusers)
 
     def __post_init__(self):
+        _check_fields(self, positive=("num_attention_heads", "attention_head_dim", "in_channels", "out_channels",
+                                      "time_embed_dim", "ofs_embed_dim", "text_embed_dim", "num_layers",
+                                      "sample_width", "sample_height", "sample_frames", "patch_size", "patch_size_t",
+                                      "temporal_compression_ratio", "max_text_seq_length", "norm_eps"))
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.attention_head_dim % 16:
             raise ValueError(f"attention_head_dim must be a multiple of 16 (3D RoPE splits it 1/4, 3/8, 3/8 into "
                              f"even parts), got {self.attention_head_dim}")
@@ -139,10 +183,13 @@ class VAEConfig:
     invert_scale_latents: bool = False
 
     def __post_init__(self):
-        object.__setattr__(self, "block_out_channels", tuple(self.block_out_channels))
-        ratio = self.temporal_compression_ratio   # diffusers types it float; config.json may hold 4.0
-        if isinstance(ratio, float) and ratio.is_integer():
-            object.__setattr__(self, "temporal_compression_ratio", int(ratio))
+        if isinstance(self.block_out_channels, list):
+            object.__setattr__(self, "block_out_channels", tuple(self.block_out_channels))
+        # diffusers types temporal_compression_ratio float; config.json may hold 4.0
+        _check_fields(self, positive=("in_channels", "out_channels", "latent_channels", "block_out_channels",
+                                      "layers_per_block", "norm_num_groups", "norm_eps", "temporal_compression_ratio",
+                                      "sample_height", "sample_width", "scaling_factor"),
+                      integral_floats=("temporal_compression_ratio",))
         n = len(self.block_out_channels)
         if n < 1 or any(c < 1 for c in self.block_out_channels) or self.layers_per_block < 1:
             raise ValueError(f"need >= 1 block of >= 1 channels and layers_per_block >= 1, got "
@@ -170,10 +217,11 @@ class VAEConfig:
     def from_diffusers_config(cls, cfg: dict) -> "VAEConfig":
         """Map a diffusers AutoencoderKLCogVideoX config.json. Keys this model hard-codes must hold the values every
         CogVideoX checkpoint uses; any other unknown key is an error (it may change the math)."""
-        blocks = len(cfg.get("block_out_channels", cls.block_out_channels))
+        channels = cfg.get("block_out_channels", cls.block_out_channels)
+        blocks = len(channels) if isinstance(channels, (list, tuple)) else None   # else the field check reports it
         problems = []
         for key, kind in (("down_block_types", "CogVideoXDownBlock3D"), ("up_block_types", "CogVideoXUpBlock3D")):
-            if key in cfg and list(cfg[key]) != [kind] * blocks:
+            if blocks is not None and key in cfg and cfg[key] != [kind] * blocks:
                 problems.append(f"{key}={cfg[key]!r} (only {blocks} x {kind!r} is supported)")
         return _from_diffusers(cls, cfg, "AutoencoderKLCogVideoX", _VAE_DIFFUSERS_FIXED,
                                ignored=_VAE_DIFFUSERS_IGNORED | {"down_block_types", "up_block_types"},
@@ -189,7 +237,9 @@ _VAE_DIFFUSERS_IGNORED = {"force_upcast"}
 VAE_PRESETS = {
     "released": {},
     # The released layout's shape rules (c, 2c, 2c, 4c; shortcuts where channels change; two time halvings), a
-    # few hundred thousand parameters: CPU tests.
+    # few hundred thousand parameters: CPU tests. latent_channels = the tiny transformer's out_channels, so the two
+    # presets make a pipeline. Default tiles (half the sample size) 48 x 40 px = 6 x 5 latents tile evenly with
+    # diffusers' overlaps 1/6, 1/5 (strides 40 x 32 px = 5 x 4 latents), and a 64 x 96 video spans 2 x 3 tiles.
     "tiny": {"block_out_channels": (16, 32, 32, 64), "layers_per_block": 1, "norm_num_groups": 8,
-             "sample_height": 64, "sample_width": 64},
+             "latent_channels": 4, "sample_height": 96, "sample_width": 80},
 }

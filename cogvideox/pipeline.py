@@ -15,8 +15,11 @@ distribution with `.sample(generator)`) and `decode(latents)`.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import math
 import os
+import shutil
 import struct
 import zlib
 from typing import Callable, Optional, Sequence
@@ -111,7 +114,8 @@ def image_latents(vae, image: torch.Tensor, frames: int, cfg, factors: VaeFactor
     """I2V conditioning (B, F, C, h, w): the sampled, scaled image latent, then zeros for the other frames.
     image: (B, 3, H, W) in [-1, 1]. Consumes the generator (one `sample` per image) before the noise draw."""
     image = image.to(device=device, dtype=dtype)[:, :, None]                   # (B, 3, 1, H, W)
-    lat = torch.cat([vae.encode(img[None]).sample(generator) for img in image])  # (B, C, 1, h, w)
+    with torch.no_grad():
+        lat = torch.cat([vae.encode(img[None]).sample(generator) for img in image])  # (B, C, 1, h, w)
     lat = lat.to(dtype).permute(0, 2, 1, 3, 4)                                  # (B, 1, C, h, w)
     # "forgot to multiply the scaling factor during training" (diffusers): 1.5 divides instead of multiplying
     lat = (1 / factors.scaling_factor * lat) if factors.invert_scale_latents else (factors.scaling_factor * lat)
@@ -123,29 +127,55 @@ def image_latents(vae, image: torch.Tensor, frames: int, cfg, factors: VaeFactor
 
 
 # ---- the sampler loop --------------------------------------------------------------------------------------
+def check_number(name: str, value, minimum: float | None = None, strict: bool = False) -> float:
+    """A finite real number (not a bool, NaN or inf) >= minimum (> minimum when strict); else ValueError naming it.
+    inf guidance gives NaN frames and NaN guidance silently turns CFG off (NaN > 1 is False)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if minimum is not None and (value <= minimum if strict else value < minimum):
+        raise ValueError(f"{name} must be {'>' if strict else '>='} {minimum}, got {value!r}")
+    return float(value)
+
+
 def denoise(model: Callable, latents: torch.Tensor, prompt_embeds: torch.Tensor, *, steps: int,
             guidance_scale: float = 6.0, use_dynamic_cfg: bool = False, sampler: str = "ddim",
             snr_shift_scale: float = 1.0, generator: torch.Generator | None = None,
             image_latents: torch.Tensor | None = None, ofs: torch.Tensor | None = None,
-            progress: bool = True) -> torch.Tensor:
+            progress: bool = True, parallel=None) -> torch.Tensor:
     """Run the sampler from noise `latents` (B, F, C, h, w). prompt_embeds: (2B, L, D) = [negative | positive]
-    when guidance_scale > 1 (classifier-free guidance, batched), else (B, L, D). Returns latents in their dtype."""
+    when guidance_scale > 1 (classifier-free guidance, batched), else (B, L, D). Returns latents in their dtype.
+
+    parallel: a `cogvideox.parallel.ParallelMesh`. Every rank runs this same loop on the same latents (the same
+    generator draws); the model splits each step's sequence over the mesh's sequence group, and with cfg=2 the
+    unconditional half of the guided batch runs on cfg rank 0 and the conditional half on cfg rank 1, combined by
+    one all-gather per step (`parallel.cfg_combine`)."""
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+    check_number("guidance_scale", guidance_scale, 0.0)
     cfg = guidance_scale > 1.0
+    split_cfg = parallel is not None and parallel.settings.cfg == 2
+    if split_cfg and not cfg:
+        raise ValueError("CFG-parallel (cfg=2) needs classifier-free guidance (guidance_scale > 1)")
     table, ts = S.alphas_cumprod(snr_shift_scale), S.timesteps(steps)
     dtype, old_x0 = latents.dtype, None
     steps_iter = ts.tolist()
     if progress and tqdm is not None:
         steps_iter = tqdm(steps_iter, desc=f"{sampler} sampling")
+    text = prompt_embeds.chunk(2)[parallel.cfg_rank] if split_cfg else prompt_embeds   # this rank's half
+    kwargs = {"parallel": parallel} if parallel is not None else {}
     for i, t in enumerate(steps_iter):
-        x = torch.cat([latents] * 2) if cfg else latents                       # (2B, F, C, h, w)
+        copies = 2 if cfg and not split_cfg else 1
+        x = torch.cat([latents] * copies) if copies > 1 else latents           # (2B or B, F, C, h, w)
         if image_latents is not None:
-            img = torch.cat([image_latents] * 2) if cfg else image_latents
+            img = torch.cat([image_latents] * copies) if copies > 1 else image_latents
             x = torch.cat([x, img], dim=2)                                      # [noisy | image] on channels
         timestep = torch.full((x.shape[0],), t, dtype=torch.int64, device=x.device)
         with torch.no_grad():
-            v = model(x, prompt_embeds, timestep, ofs=ofs).float()
+            v = model(x, text, timestep, ofs=ofs, **kwargs).float()
+        if split_cfg:
+            from .parallel import cfg_combine
+
+            v = cfg_combine(v, parallel)                                        # (2B, ...) = [uncond | cond]
         if cfg:
             g = S.dynamic_cfg_scale(guidance_scale, t, steps) if use_dynamic_cfg else guidance_scale
             v_uncond, v_text = v.chunk(2)
@@ -170,11 +200,20 @@ def generate(transformer, prompt_embeds: torch.Tensor, negative_prompt_embeds: t
              num_frames: int, height: int, width: int, steps: int = 50, guidance_scale: float = 6.0,
              use_dynamic_cfg: bool = False, sampler: str = "ddim", snr_shift_scale: float = 1.0,
              generator: torch.Generator | None = None, vae=None, factors: VaeFactors = VaeFactors(),
-             image=None, decode: bool = True, progress: bool = True) -> Generated:
+             image=None, decode: bool = True, progress: bool = True, parallel=None) -> Generated:
     """Sample a video. prompt_embeds (B, L, D) in the model dtype; negative_prompt_embeds the same shape, required
-    when guidance_scale > 1 (diffusers encodes "" for it). image: (B, 3, H, W) in [-1, 1] for I2V models."""
+    when guidance_scale > 1 (diffusers encodes "" for it). image: (B, 3, H, W) in [-1, 1] for I2V models.
+    parallel: a `cogvideox.parallel.ParallelMesh` (every rank calls generate with the same arguments; see
+    `denoise`); the VAE decodes on the mesh's first `vae` ranks (all of them when the VAE takes `parallel=`, else
+    rank 0 alone), and `video` is None on the other ranks."""
     cfg = transformer.config
     i2v = image is not None
+    check_number("guidance_scale", guidance_scale, 0.0)
+    check_number("snr_shift_scale", snr_shift_scale, 0.0, strict=True)
+    for name, t in (("prompt_embeds", prompt_embeds), ("negative_prompt_embeds", negative_prompt_embeds)):
+        if t is not None and (not isinstance(t, torch.Tensor) or t.dim() != 3 or 0 in t.shape):
+            raise ValueError(f"{name} must be a (B, L, D) tensor with B, L, D > 0, got "
+                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
     if (cfg.in_channels == 2 * cfg.out_channels) != i2v:
         raise ValueError("an image is required by (and only by) image-to-video models (in_channels = 2 x out)")
     if guidance_scale > 1.0:
@@ -197,10 +236,10 @@ def generate(transformer, prompt_embeds: torch.Tensor, negative_prompt_embeds: t
     ofs = torch.full((1,), 2.0, device=device, dtype=dtype) if cfg.ofs_embed_dim else None   # 1.5-I2V
     latents = denoise(transformer, latents, text, steps=steps, guidance_scale=guidance_scale,
                       use_dynamic_cfg=use_dynamic_cfg, sampler=sampler, snr_shift_scale=snr_shift_scale,
-                      generator=generator, image_latents=cond, ofs=ofs, progress=progress)
+                      generator=generator, image_latents=cond, ofs=ofs, progress=progress, parallel=parallel)
     out = Generated(latents, extra)
     if vae is not None and decode:
-        out.video = decode_latents(vae, latents[:, extra:], factors)
+        out.video = decode_latents(vae, latents[:, extra:], factors, parallel)
     return out
 
 
@@ -215,10 +254,19 @@ def check_size(num_frames: int, height: int, width: int, cfg, factors: VaeFactor
                          f"e.g. 49 or 81, got {num_frames!r}")
 
 
-def decode_latents(vae, latents: torch.Tensor, factors: VaeFactors) -> torch.Tensor:
-    """(B, F, C, h, w) -> video (B, 3, T, H, W) in [-1, 1], as diffusers' decode_latents (1 / sf * latents)."""
+def decode_latents(vae, latents: torch.Tensor, factors: VaeFactors, parallel=None) -> torch.Tensor | None:
+    """(B, F, C, h, w) -> video (B, 3, T, H, W) in [-1, 1], as diffusers' decode_latents (1 / sf * latents).
+    parallel: decode across the mesh's VAE ranks when the VAE supports it (vae.decode(parallel=)), else on rank 0
+    alone; None on ranks that get no video."""
+    z = 1 / factors.scaling_factor * latents.permute(0, 2, 1, 3, 4)
     with torch.no_grad():
-        return vae.decode(1 / factors.scaling_factor * latents.permute(0, 2, 1, 3, 4))
+        if parallel is None:
+            return vae.decode(z)
+        import inspect
+
+        if parallel.settings.vae > 1 and "parallel" in inspect.signature(vae.decode).parameters:
+            return vae.decode(z, parallel=parallel) if parallel.vae_group is not None else None
+        return vae.decode(z) if parallel.rank == 0 else None
 
 
 # ---- output ------------------------------------------------------------------------------------------------
@@ -248,30 +296,101 @@ def _have(*modules: str) -> bool:
     return all(importlib.util.find_spec(m) is not None for m in modules)
 
 
+def output_target(out: str) -> tuple[str, bool]:
+    """(what save_frames writes for `out`, whether it is a folder): the mp4 itself when imageio + imageio-ffmpeg
+    are installed, else a folder of PNG frames (`out` itself, or `<out without .mp4>_frames`)."""
+    if out.lower().endswith(".mp4"):
+        return (out, False) if _have("imageio", "imageio_ffmpeg") else (out[:-4] + "_frames", True)
+    return out, True
+
+
+_FRAME_NAME = "frame_{:04d}.png"
+
+
+def check_output(path: str, folder: bool) -> None:
+    """Fail before any work when `path` (a file, or a frame folder when `folder`) cannot be written: a parent that
+    is a regular file, a folder we cannot create files in, a file where a folder goes (or the reverse), or an
+    existing folder holding anything but frames (it is replaced whole). Creates nothing that stays."""
+    import tempfile
+
+    path = os.path.abspath(path)
+    wrong_kind = os.path.exists(path) and os.path.isdir(path) != folder
+    if wrong_kind:
+        raise ValueError(f"{path} exists and is a {'file' if folder else 'folder'}, not a "
+                         f"{'folder' if folder else 'file'}")
+    if folder and os.path.isdir(path):
+        others = [f for f in os.listdir(path) if not (f.startswith("frame_") and f.endswith(".png"))]
+        if others:
+            raise ValueError(f"{path} is a folder holding other files than frames ({', '.join(sorted(others)[:3])}"
+                             f"{', ...' if len(others) > 3 else ''}); it would be replaced: choose another path")
+    parent = os.path.dirname(path)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ValueError(f"{path}: {parent} is a file, not a folder")
+    try:   # os.access says yes to root even on a read-only file system: try it
+        fd, probe = tempfile.mkstemp(prefix=".cogvideox-probe-", dir=parent)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise ValueError(f"{path}: cannot write in {parent} ({e.strerror or e})") from None
+
+
+@contextlib.contextmanager
+def atomic_output(path: str, folder: bool = False):
+    """Yields a temporary path beside `path` (same folder, same extension) to write into; when the block completes
+    it is renamed to `path` (replacing a previous file or frame folder), and if the block fails it is removed.
+    A crash, a full disk or Ctrl-C never leaves half a video under the real name."""
+    path = os.path.abspath(path)
+    parent, name = os.path.split(path)
+    os.makedirs(parent, exist_ok=True)
+    root, ext = os.path.splitext(name) if not folder else (name, "")
+    tmp = os.path.join(parent, f".{root}.partial-{os.getpid()}{ext}")
+    if folder:
+        os.makedirs(tmp)
+    try:
+        yield tmp
+        if folder and os.path.isdir(path):   # a previous frame folder (check_output allows only frames in it)
+            old = os.path.join(parent, f".{root}.old-{os.getpid()}")
+            os.rename(path, old)
+            os.rename(tmp, path)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
 def save_frames(frames: np.ndarray, out: str, fps: int = 8) -> list[str]:
     """frames (T, H, W, 3) uint8. `out` ending in .mp4 -> an mp4 when imageio + imageio-ffmpeg are installed;
     otherwise (or for any other `out`) PNG frames in a directory: `out` itself, or `<out without .mp4>_frames`.
-    Returns the written paths."""
-    if out.lower().endswith(".mp4") and _have("imageio", "imageio_ffmpeg"):
+    Written under a temporary name and renamed into place when complete. Returns the written paths."""
+    check_number("fps", fps, 0.0, strict=True)
+    target, folder = output_target(out)
+    check_output(target, folder)
+    if not folder:
         import imageio
 
-        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-        with imageio.get_writer(out, fps=fps, codec="libx264", quality=8) as writer:   # as diffusers' export_to_video
-            for frame in frames:
-                writer.append_data(frame)
-        return [out]
-    folder = out[:-4] + "_frames" if out.lower().endswith(".mp4") else out
-    os.makedirs(folder, exist_ok=True)
-    paths = [os.path.join(folder, f"frame_{i:04d}.png") for i in range(len(frames))]
-    if _have("PIL"):
-        from PIL import Image
+        with atomic_output(target) as tmp:
+            with imageio.get_writer(tmp, fps=fps, codec="libx264", quality=8) as writer:   # as export_to_video
+                for frame in frames:
+                    writer.append_data(frame)
+        return [target]
+    names = [_FRAME_NAME.format(i) for i in range(len(frames))]
+    with atomic_output(target, folder=True) as tmp:
+        if _have("PIL"):
+            from PIL import Image
 
-        for p, fr in zip(paths, frames):
-            Image.fromarray(fr).save(p)
-    else:
-        for p, fr in zip(paths, frames):
-            write_png(p, fr)
-    return paths
+            for n, fr in zip(names, frames):
+                Image.fromarray(fr).save(os.path.join(tmp, n))
+        else:
+            for n, fr in zip(names, frames):
+                write_png(os.path.join(tmp, n), fr)
+    return [os.path.join(target, n) for n in names]
 
 
 # ---- loading a diffusers-format model directory ------------------------------------------------------------
@@ -284,17 +403,19 @@ _SCHEDULER_FIXED = {"prediction_type": "v_prediction", "rescale_betas_zero_snr":
 def read_scheduler_config(model_dir: str) -> float:
     """snr_shift_scale from `model_dir/scheduler/scheduler_config.json`, after checking every other field has
     the value our samplers implement."""
-    import json
+    from .weights import CheckpointError, read_json
 
     path = os.path.join(model_dir, "scheduler", "scheduler_config.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{model_dir}: no scheduler/scheduler_config.json")
-    with open(path, encoding="utf-8") as f:
-        cfg = json.load(f)
+    cfg = read_json(path, "a scheduler config")
     bad = [f"{k}={cfg[k]!r} (supported: {v!r})" for k, v in _SCHEDULER_FIXED.items() if k in cfg and cfg[k] != v]
     if bad:
         raise ValueError(f"{path}: unsupported scheduler settings: {'; '.join(bad)}")
-    return float(cfg.get("snr_shift_scale", 3.0))   # diffusers' default is 3.0
+    try:   # Python's json reads NaN and Infinity
+        return check_number("snr_shift_scale", cfg.get("snr_shift_scale", 3.0), 0.0, strict=True)   # diffusers: 3.0
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from None
 
 
 def vae_factors(cfg) -> VaeFactors:
@@ -307,9 +428,11 @@ def vae_factors(cfg) -> VaeFactors:
 
 
 def read_vae_factors(vae_dir: str) -> VaeFactors:
-    from .weights import read_config
+    """The factors of a VAE directory's config.json, after the same checks load_vae makes (CheckpointError)."""
+    from .config import VAEConfig
+    from .weights import parse_config, read_config
 
-    return vae_factors(read_config(vae_dir))
+    return vae_factors(parse_config(vae_dir, read_config(vae_dir), VAEConfig.from_diffusers_config))
 
 
 @dataclasses.dataclass

@@ -26,8 +26,9 @@ SNR_SHIFT = {"2b": 3.0, "5b": 1.0}  # the converter's comment: "2B 3.0, 5B 1.0";
 def alphas_cumprod(snr_shift_scale: float = 1.0, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS,
                    beta_start: float = 0.00085, beta_end: float = 0.012) -> torch.Tensor:
     """alpha_bar_t for t = 0..T-1, fp64 on CPU: scaled-linear betas, SNR shift, then zero-terminal-SNR rescale."""
-    if snr_shift_scale <= 0:
-        raise ValueError(f"snr_shift_scale must be > 0, got {snr_shift_scale}")
+    if isinstance(snr_shift_scale, bool) or not isinstance(snr_shift_scale, (int, float)) \
+            or not math.isfinite(snr_shift_scale) or snr_shift_scale <= 0:   # NaN would pass `<= 0`
+        raise ValueError(f"snr_shift_scale must be a finite number > 0, got {snr_shift_scale!r}")
     betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float64) ** 2
     abar = torch.cumprod(1.0 - betas, dim=0)
     # SNR shift: SNR_t -> SNR_t / s. Applied before the rescale, as diffusers does.
@@ -139,4 +140,6 @@ def v_target(table: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, t: torc
 def dynamic_cfg_scale(guidance_scale: float, t: int, num_steps: int) -> float:
     """diffusers' use_dynamic_cfg: 1 + s (1 - cos(pi ((N - t) / N)^5)) / 2 with t the timestep VALUE (999..19),
     not the step index, which makes the scale oscillate ("wave-like", CogVideo #267). Kept as diffusers computes it."""
+    if not math.isfinite(guidance_scale):
+        raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
     return 1 + guidance_scale * ((1 - math.cos(math.pi * ((num_steps - int(t)) / num_steps) ** 5.0)) / 2)

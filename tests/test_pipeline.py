@@ -431,6 +431,7 @@ def test_mp4_branch_uses_imageio_writer(tmp_path, monkeypatch):
 
     def get_writer(path, **kw):
         calls.update(path=path, **kw)
+        open(path, "wb").close()   # the real writer creates the file, which is then renamed into place
         return Writer()
 
     monkeypatch.setitem(sys.modules, "imageio", types.SimpleNamespace(get_writer=get_writer))
@@ -438,7 +439,9 @@ def test_mp4_branch_uses_imageio_writer(tmp_path, monkeypatch):
     frames = np.random.default_rng(0).integers(0, 256, (3, 16, 32, 3), dtype=np.uint8)
     out = str(tmp_path / "v.mp4")
     assert P.save_frames(frames, out, fps=16) == [out]
-    assert calls["path"] == out and calls["fps"] == 16 and calls["closed"]
+    # written under a temporary name beside the target (same extension, for imageio), then renamed
+    assert os.path.dirname(calls["path"]) == str(tmp_path) and calls["path"].endswith(".mp4") and calls["path"] != out
+    assert os.listdir(tmp_path) == ["v.mp4"] and calls["fps"] == 16 and calls["closed"]
     assert len(calls["frames"]) == 3 and np.array_equal(calls["frames"][2], frames[2])
 
 

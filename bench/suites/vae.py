@@ -16,8 +16,8 @@ from . import _build
 
 # name -> (kind, input shape (B, C, T, H, W) full, small)
 JOBS = {
-    "decode 480x720 13 latents": ("decode", (1, 16, 13, 60, 90), (1, 16, 3, 4, 6)),
-    "decode 768x1360 21 latents": ("decode", (1, 16, 21, 96, 170), (1, 16, 5, 4, 8)),
+    "decode 480x720 13 latents": ("decode", (1, 16, 13, 60, 90), (1, 4, 3, 4, 6)),
+    "decode 768x1360 21 latents": ("decode", (1, 16, 21, 96, 170), (1, 4, 5, 4, 8)),
     "encode 480x720 49 frames": ("encode", (1, 3, 49, 480, 720), (1, 3, 9, 32, 48)),
 }
 
