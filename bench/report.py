@@ -33,7 +33,8 @@ def rows_table(rows: list[dict]) -> list[str]:
         pct = "-" if r.get("pct_of_ceiling") is None else f"{_fmt(r['pct_of_ceiling'], 'num')} ({r['ceiling']})"
         out.append(f"| {r['case']} | {r['impl']} | {r['pass']} | {r.get('backend') or '-'} | {r['median_ms']:.3f} | "
                    f"{r['p20_ms']:.3f}-{r['p80_ms']:.3f} | {_fmt(r.get('gbps'), 'num')} | "
-                   f"{_fmt(r.get('tflops'), 'num')} | {pct} | {_mem(r.get('peak_mem_bytes'), r.get('peak_mem_kind'))} |")
+                   f"{_fmt(r.get('tflops'), 'num')} | {pct} | "
+                   f"{_mem(r.get('peak_mem_bytes'), r.get('peak_mem_kind'))} |")
     return out
 
 
@@ -82,7 +83,8 @@ def table7(rows: list[dict]) -> list[str]:
         out.append(f"| {r['case']} | {r['impl']} | {r['median_ms'] / 1e3:.2f} | "
                    f"{_fmt(e.get('transformer_s'), '.2f')} | {_fmt(e.get('scheduler_s'), '.2f')} | "
                    f"{_fmt(e.get('vae_s'), '.2f')} | "
-                   f"{_mem(r.get('peak_mem_bytes'), r.get('peak_mem_kind'))} | {f'{ref[0]} / {ref[1]}' if ref else '-'} | "
+                   f"{_mem(r.get('peak_mem_bytes'), r.get('peak_mem_kind'))} | "
+                   f"{f'{ref[0]} / {ref[1]}' if ref else '-'} | "
                    f"{official if official else '-'} |")
     return out
 

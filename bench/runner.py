@@ -22,10 +22,11 @@ SIZES = ("auto", "small", "full")
 
 # Why small rows get no "% of ceiling": the ceilings are measured on arrays far larger than any cache (a 256 MB+
 # copy, a large matmul), while a small case's working set fits in the CPU's caches, so it can run faster than the
-# "ceiling" (CPU kernel rows reached 264% of the copy ceiling on 2026-11-22). GB/s and TFLOP/s are still given.
+# "ceiling": issue 12 saw 264%; expert_adaln 2b fwd, eager fp32, 1 thread, reached 4.3 GB/s against a 2.9 GB/s copy
+# ceiling (148%) on an Intel Xeon CPU, 2026-12-01, `python -m bench kernels attention --budget 0.01`.
 SMALL_NO_CEILING = ("no % of ceiling at small shapes: their working sets fit in the caches, so the copy and matmul "
-                    "ceilings, measured on arrays far larger than any cache, do not bound them (CPU rows reached "
-                    "264% of the copy ceiling); GB/s and TFLOP/s are given instead")
+                    "ceilings, measured on arrays far larger than any cache, do not bound them (CPU rows exceeded "
+                    "100% of the copy ceiling); GB/s and TFLOP/s are given instead")
 # Why CPU rows have no peak memory: the only CPU measure is the process's resident set, which does not grow when
 # the allocator reuses memory an earlier row freed, so it was 0 for most rows and changed with the run order.
 CPU_NO_PEAK_MEM = ("n/a on CPU: the process's peak resident set is not per row (the allocator reuses memory freed "

@@ -58,7 +58,8 @@ def _step_case(model: str, layout: str, ctx: Context) -> Case:
                 return step
             return make
 
-        return [Variant("ours", make_for(latent), pass_="step", label=_label(res, ctx), flops=flops.dit_step_flops(s, layout),
+        return [Variant("ours", make_for(latent), pass_="step", label=_label(res, ctx),
+                        flops=flops.dit_step_flops(s, layout),
                         backend=("kernels" if ctx.device.type == "cuda" else "references (CPU)")
                         + (" + compile_blocks" if compile_ else ", eager"),
                         budget_s=max(ctx.budget_s, 3.0) if ctx.full else None, min_reps=3,

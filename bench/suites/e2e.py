@@ -51,7 +51,7 @@ def _case(model: str, res: str, ctx: Context) -> Case:
     frames, height, width = (FULL if ctx.full else SMALL)[res]
     steps = STEPS[ctx.size]
     vcfg = _build.vae_config(ctx)
-    # the tiny presets differ in latent channels; the pipeline needs the transformer to match the VAE
+    # the pipeline needs the transformer's channels to be the VAE's latent channels (the presets agree; kept explicit)
     cfg = _build.transformer_config(model, ctx, in_channels=vcfg.latent_channels, out_channels=vcfg.latent_channels)
     latent = ((frames - 1) // 4 + 1, height // 8, width // 8)
     gpu = ctx.device.type == "cuda"
