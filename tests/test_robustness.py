@@ -91,6 +91,16 @@ def test_index_cannot_reach_outside_the_folder(sharded, tmp_path):
     load_transformer(path)
 
 
+def test_single_file_symlink_cannot_leave_the_folder(tmp_path):
+    ckpt = save_pretrained(tiny_diffusers_transformer("2b", seed=5), tmp_path / "elsewhere")
+    os.makedirs(tmp_path / "c")
+    os.rename(os.path.join(ckpt, "config.json"), tmp_path / "c" / "config.json")
+    os.symlink(os.path.join(ckpt, "diffusion_pytorch_model.safetensors"),
+               tmp_path / "c" / "diffusion_pytorch_model.safetensors")
+    with pytest.raises(CheckpointError, match="outside the checkpoint folder"):
+        load_transformer(str(tmp_path / "c"))
+
+
 def test_key_in_two_shards_is_an_error(sharded, tmp_path):
     path = _clone(sharded, tmp_path / "c")
     a, b = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))[:2]
@@ -189,19 +199,20 @@ def test_config_dataclasses_check_types():
 # ---- presets -----------------------------------------------------------------------------------------------
 def test_tiny_presets_fit_together_and_the_tiny_vae_tiles():
     """The tiny transformer's latents are the tiny VAE's, and the tiny VAE's default tiles tile evenly, so its
-    tiled path runs (a 64 x 96 video, the tiny transformer's sample size, spans 2 x 3 tiles)."""
+    tiled path runs (the tiny transformer's 64 x 96 px sample spans 2 x 3 tiles; 7 x 6 latents, 2 x 2, here)."""
     from cogvideox.vae import CogVideoXVAE
 
     t, v = TransformerConfig.preset("tiny"), VAEConfig.preset("tiny")
     assert v.latent_channels == t.out_channels == t.in_channels
     torch.manual_seed(0)
     vae = CogVideoXVAE(v).eval()
+    assert vae.tile_grid("encode") == ((48, 40), (40, 32), (1, 1), (5, 4))   # tile, stride, blend, kept
     assert vae.tile_grid("decode") == ((6, 5), (5, 4), (8, 8), (40, 32))
-    z = torch.randn(1, t.out_channels, 1, t.sample_height, t.sample_width)
+    assert vae.plan("decode", (1, 4, 1, t.sample_height, t.sample_width), torch.float32, "cpu", tiling=True)[1]
+    z = torch.randn(1, t.out_channels, 1, 7, 6)
     tiled, untiled = vae.decode(z, tiling=True), vae.decode(z, tiling=False)
-    assert tiled.shape == untiled.shape == (1, 3, 1, 8 * t.sample_height, 8 * t.sample_width)
+    assert tiled.shape == untiled.shape == (1, 3, 1, 56, 48)
     assert (tiled - untiled).abs().max() > 0   # the tiled path really ran
-    assert vae.encode(tiled, tiling=True).mode().shape == z.shape
 
 
 # ---- non-finite numbers ------------------------------------------------------------------------------------
