@@ -376,6 +376,18 @@ def test_failed_frame_folder_leaves_nothing(tmp_path, monkeypatch):
     assert os.path.dirname(calls[0]) != str(tmp_path / "clip")   # frames went to a temporary folder
     monkeypatch.setattr(Image.Image, "save", real_save)
     assert len(P.save_frames(frames, str(tmp_path / "clip"))) == 3 and os.listdir(tmp_path) == ["clip"]
+    # a failed rewrite keeps the earlier folder as it was
+    real_rename = os.rename
+
+    def rename_fails_on_the_new_folder(src, dst):
+        if ".partial-" in str(src):
+            raise OSError(5, "Input/output error")
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", rename_fails_on_the_new_folder)
+    with pytest.raises(OSError, match="Input/output"):
+        P.save_frames(frames[:1], str(tmp_path / "clip"))
+    assert os.listdir(tmp_path) == ["clip"] and len(os.listdir(tmp_path / "clip")) == 3
 
 
 def test_failed_mp4_leaves_nothing(tmp_path, monkeypatch):
