@@ -13,8 +13,12 @@ import datetime as _dt
 import json
 import os
 import sys
+from typing import TYPE_CHECKING
 
 from . import results
+
+if TYPE_CHECKING:   # annotations only: importing runner imports torch
+    from .runner import Context
 
 # torch (and everything that imports it) is imported after the arguments are parsed: `--help` and argument errors
 # come back at once instead of after seconds of importing.
@@ -46,6 +50,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-compile", dest="compile", action="store_false",
                    help="skip the torch.compile rows (default on a CPU)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.add_argument("--static", action="store_true",
+                   help="kernels suite: print what the sm_90 builds at the real launch arguments predict (registers, "
+                        "occupancy, SASS access widths, bytes moved); runs nothing, needs no GPU")
     p.add_argument("--compare", default=None, metavar="OLD.json", help="print each row's ratio against OLD.json")
     p.add_argument("--against", default=None, metavar="NEW.json",
                    help="with --compare: compare two saved runs without running anything")
@@ -56,7 +63,7 @@ def _split(s: str | None) -> list[str]:
     return [x.strip() for x in (s or "").split(",") if x.strip()]
 
 
-def resolve(args, suites: dict) -> tuple[list, "Context"]:
+def resolve(args, suites: dict) -> tuple[list, Context]:
     """Turn arguments into (suites, context) or raise BenchArgumentError; nothing has run yet."""
     import torch
 
@@ -81,8 +88,8 @@ def resolve(args, suites: dict) -> tuple[list, "Context"]:
             raise BenchArgumentError(f"--device must be cuda or cpu, got {args.device!r}")
     else:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
+    if device.type == "cuda" and device.index is None:   # under torchrun: this rank's GPU
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", torch.cuda.current_device())))
     size = args.size
     if size == "full" and device.type != "cuda":
         raise BenchArgumentError("--size full runs the paper's shapes, which need a CUDA GPU; this run is on "
@@ -120,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
         for s in SUITES.values():
             print(f"{s.name:10s} {s.description}")
         return 0
+    if args.static:
+        return _static(args)
     try:
         if args.against:
             if not args.compare:
@@ -136,10 +145,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     threads_before = torch.get_num_threads()
+    lead = os.environ.get("RANK", "0") == "0"   # under torchrun every rank runs; rank 0 prints and writes
     try:
-        doc = run(planned, ctx, argv if argv is not None else sys.argv[1:], threads=args.threads)
+        doc = run(planned, ctx, argv if argv is not None else sys.argv[1:], threads=args.threads,
+                  progress=None if lead else (lambda line: None))
     finally:
         torch.set_num_threads(threads_before)   # main() also runs inside other programs (tests)
+    if not lead:
+        return 0
     path = os.path.join(out_dir, "results.json")
     try:
         results.dump(doc, path)
@@ -161,7 +174,21 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def run(planned, ctx: "Context", argv: list[str], progress=None, threads: int | None = None) -> dict:
+def _static(args) -> int:
+    names = list(args.suite_names) + _split(args.suites)
+    if names != ["kernels"]:
+        print("error: --static applies to the kernels suite alone: python -m bench kernels --static", file=sys.stderr)
+        return 2
+    from .suites.kernels import DIT, format_static, static_rows
+    models = tuple(_split(args.models))
+    if not models or any(m not in DIT for m in models):
+        print(f"error: unknown model size(s) in {args.models!r}; choose from {', '.join(DIT)}", file=sys.stderr)
+        return 2
+    print(format_static(static_rows(models, args.filter)))
+    return 0
+
+
+def run(planned, ctx: Context, argv: list[str], progress=None, threads: int | None = None) -> dict:
     """Measure the ceilings, run every planned suite under telemetry, and return the results document."""
     import torch
 

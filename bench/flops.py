@@ -169,24 +169,33 @@ def rope3d_bytes(B: int, S: int, H: int, Dh: int, itemsize: int = 2) -> dict[str
 
 def causal_pad3d_bytes(B: int, C: int, T: int, H: int, W: int, kernel_t: int = 3, pad_hw=(1, 1),
                        itemsize: int = 2) -> dict[str, int]:
-    """x (B,C,T,H,W) -> out (B,C,T+kt-1,H+2ph,W+2pw), cache (B,C,kt-1,H,W). Backward: d_out -> d_x (a pure copy
-    needs nothing else)."""
+    """x (B,C,T,H,W) -> out (B,C,T+kt-1,H+2ph,W+2pw), cache (B,C,kt-1,H,W). Backward: d_out -> d_x; only the
+    interior of d_out's frames (T+kt-1 of H x W) feeds d_x, the zero border's gradient is discarded unread."""
     ph, pw = pad_hw
     x = (B, C, T, H, W)
     out = (B, C, T + kernel_t - 1, H + 2 * ph, W + 2 * pw)
-    return _fwd_bwd([x], [out, (B, C, kernel_t - 1, H, W)], [out], [], [x], itemsize)
+    return _fwd_bwd([x], [out, (B, C, kernel_t - 1, H, W)], [(B, C, T + kernel_t - 1, H, W)], [], [x], itemsize)
 
 
 def group_norm_silu_pad_bytes(B: int, C: int, T: int, H: int, W: int, kernel_t: int = 3, pad_hw=(1, 1),
                               zq: bool = False, itemsize: int = 2) -> dict[str, int]:
     """x (B,C,T,H,W), weight/bias (C,), with zq also zq_scale/zq_shift (B,C,T,H,W) -> out, cache as causal_pad3d.
-    Backward reads d_out and every input (SiLU's derivative needs the pre-activation, hence bias and zq_shift);
-    writes one gradient per input."""
+
+    What the fastest implementation must move. Forward: x twice (a group's statistics, C/G x T x H x W elements,
+    25 MB in the VAE's 480 x 720 chunk, must be complete before any output and no group stays on chip), zq once,
+    out and the cache once. Backward: the group means of dxhat and dxhat * xhat must be complete before any d_x,
+    so d_out (the interior of its T+kt-1 frames), x and zq are read twice (keeping dL/da between the passes
+    instead would cost an fp32 write and read of x's size, more than the re-reads); it writes one gradient per
+    input."""
     ph, pw = pad_hw
     x = (B, C, T, H, W)
-    inputs = [x, (C,), (C,)] + ([x, x] if zq else [])
+    params = [(C,), (C,)]
+    zqs = [x, x] if zq else []
     out = (B, C, T + kernel_t - 1, H + 2 * ph, W + 2 * pw)
-    return _fwd_bwd(inputs, [out, (B, C, kernel_t - 1, H, W)], [out], inputs, inputs, itemsize)
+    dout = (B, C, T + kernel_t - 1, H, W)
+    fwd = min_bytes([x, x] + params + zqs, [out, (B, C, kernel_t - 1, H, W)], itemsize)
+    bwd = min_bytes(2 * ([dout, x] + zqs) + params, [x] + params + zqs, itemsize)
+    return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}
 
 
 # ---- VAE convolution FLOPs -------------------------------------------------------------------------------------

@@ -148,6 +148,9 @@ def render(doc: dict, plots: list[str], plot_note: str | None) -> str:
             lines += ["", *table8(rows)]
         if name == "e2e":
             lines += ["", *table7(rows)]
+        if name == "parallel":
+            from .suites.parallel import report_lines
+            lines += ["", *report_lines(rows)]
         other = group_not_run(rows)
         if other:
             lines += ["", "Not run:", ""]

@@ -187,6 +187,8 @@ def format_row(row: dict) -> str:
             s += f", {v:.0f}{unit}" if abs(v) >= 100 else f", {v:.3g}{unit}"
     if row.get("peak_mem_bytes") is not None:
         s += f", peak {mem(row['peak_mem_bytes'])}"
+    if row.get("extra", {}).get("summary"):   # a suite's own one-line result (e.g. parallel: speedup, predicted)
+        s += f" | {row['extra']['summary']}"
     return s
 
 

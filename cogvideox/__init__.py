@@ -7,6 +7,7 @@ import importlib
 _EXPORTS = {
     "attention": ("BACKENDS", "AttentionBackendError", "available_backends"),
     "config": ("TRANSFORMER_PRESETS", "VAE_PRESETS", "TransformerConfig", "VAEConfig"),
+    "diffusers_ops": ("apply_to_diffusers", "remove_from_diffusers"),
     "pipeline": ("denoise", "encode_prompt", "generate"),
     "transformer": ("CogVideoXTransformer", "compile_blocks"),
     "vae": ("CogVideoXVAE", "DiagonalGaussian", "Tiling", "load_vae"),

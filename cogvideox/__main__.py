@@ -51,7 +51,17 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     run.add_argument("--fps", type=int, help="mp4 frame rate (default 8; 16 for 1.5 models)")
     run.add_argument("--no-progress", action="store_true")
+    run.add_argument("--save-latents", metavar="FILE",
+                     help="also write the final latents (B, F, C, h, w), as decoded, to FILE (safetensors, key "
+                          "'latents'), on one process and under torchrun alike")
+    par = g.add_argument_group("parallelism (under torchrun)")
+    par.add_argument("--parallel", metavar="SPEC",
+                     help="context parallelism, e.g. ulysses=2,ring=2,cfg=2,vae=4 (omitted keys are 1; ulysses x "
+                          "ring x cfg = the number of processes): torchrun --nproc-per-node N -m cogvideox generate "
+                          "--parallel ... ; rank 0 writes the output")
     g.set_defaults(subparser=g)   # errors are reported with the subcommand's usage
+    from .train_cli import add_parsers
+    add_parsers(sub)              # train, encode-dataset
     return parser
 
 
@@ -86,6 +96,16 @@ def check_args(parser, a):
             P.check_number("--fps", a.fps, 0.0, strict=True)
     except ValueError as e:
         _fail(parser, str(e))
+    if a.parallel is not None:
+        from .parallel import Parallel, ParallelError
+
+        try:
+            a.parallel = Parallel.parse(a.parallel)
+        except ParallelError as e:
+            _fail(parser, str(e))
+        if not os.environ.get("WORLD_SIZE") or not os.environ.get("RANK"):
+            _fail(parser, f"--parallel needs torchrun: torchrun --nproc-per-node {a.parallel.world_size} -m cogvideox "
+                          "generate --parallel ...")
     if a.device != "auto":
         try:
             dev = torch.device(a.device)
@@ -192,9 +212,10 @@ def _output_paths(a, batch: int, with_vae: bool) -> list[tuple[str, bool]]:
     """(path, is a folder) of everything save_outputs will write."""
     from . import pipeline as P
 
+    extra = [(a.save_latents, False)] if a.save_latents is not None else []
     if not with_vae:
-        return [(os.path.splitext(a.out)[0] + ".latents.safetensors", False)]
-    return [P.output_target(_numbered(a.out, i, batch)) for i in range(batch)]
+        return [(os.path.splitext(a.out)[0] + ".latents.safetensors", False)] + extra
+    return [P.output_target(_numbered(a.out, i, batch)) for i in range(batch)] + extra
 
 
 def _check_outputs(parser, a, batch: int, with_vae: bool) -> None:
@@ -214,6 +235,19 @@ def generate_command(parser, a) -> int:
 
     cfg, factors = check_args(parser, a)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device)
+    pm = None
+    if a.parallel is not None:
+        from .parallel import ParallelError, check_same, init_parallel
+
+        try:
+            pm = init_parallel(a.parallel, device)
+            # every rank must sample the same video: compare what shapes the run, once, before any work
+            check_same(pm, "the generate arguments", {k: v for k, v in sorted(vars(a).items()) if k != "subparser"})
+        except ParallelError as e:
+            _fail(parser, str(e))
+        device = pm.device
+        if pm.rank != 0:
+            a.no_progress = True
     dtype_name = a.dtype if a.dtype != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     dtype = getattr(torch, DTYPES[dtype_name])
     # every input is read and checked before any model loads: nothing fails after minutes of loading or sampling
@@ -284,7 +318,15 @@ def generate_command(parser, a) -> int:
     out = P.generate(transformer, pos, neg, num_frames=a.frames, height=a.height, width=a.width, steps=a.steps,
                      guidance_scale=a.guidance, use_dynamic_cfg=a.dynamic_cfg, sampler=a.sampler,
                      snr_shift_scale=snr, generator=generator, vae=vae, factors=factors, image=image,
-                     progress=not a.no_progress)
+                     progress=not a.no_progress, parallel=pm)
+    if pm is not None and pm.rank != 0:
+        return 0   # rank 0 writes the files
+    if a.save_latents is not None:
+        from safetensors.torch import save_file
+
+        with P.atomic_output(a.save_latents) as tmp:
+            save_file({"latents": out.latents[:, out.dropped_frames:].float().contiguous().cpu()}, tmp)
+        print(f"wrote: {a.save_latents}")
     written = save_outputs(out, a, cfg)
     for p in written:
         print(f"wrote: {p}")
@@ -352,7 +394,16 @@ def main(argv=None) -> int:
     parser = build_parser()
     a = parser.parse_args(argv)
     if a.command == "generate":
-        return generate_command(a.subparser, a)
+        try:
+            return generate_command(a.subparser, a)
+        finally:   # under torchrun: leave the process group cleanly, on every exit path
+            import torch.distributed as dist
+
+            if dist.is_available() and dist.is_initialized():
+                dist.destroy_process_group()
+    if a.command in ("train", "encode-dataset"):
+        from . import train_cli
+        return (train_cli.train_command if a.command == "train" else train_cli.encode_dataset_command)(a.subparser, a)
     return 1
 
 

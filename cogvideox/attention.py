@@ -213,12 +213,23 @@ def available_backends(q: torch.Tensor) -> list[str]:
     return [n for n, r in _reasons(q.device, q.dtype, q.shape[-1]).items() if r is None]
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str | None = None) -> torch.Tensor:
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str | None = None,
+              parallel=None, seq_len: int | None = None) -> torch.Tensor:
     """softmax(q k^T / sqrt(Dh)) v over all tokens. q, k, v: (B, S, H, Dh) -> (B, S, H, Dh).
 
     backend: a name in BACKENDS, or None for the fastest available (logged once). A forced backend that cannot run
     raises AttentionBackendError listing why each backend is or is not usable.
+    parallel: a `cogvideox.parallel.ParallelMesh` whose sequence group holds the sequence of `seq_len` tokens, this
+    rank's contiguous shard in q, k, v (as ParallelMesh.shard_range splits it): Ulysses all-to-alls around the
+    chosen backend, or ring attention (torch's flash kernels with their log-sum-exp), or both
+    (cogvideox/parallel.py). The only place in the model where tokens of other ranks are seen.
     """
+    if parallel is not None and parallel.settings.seq > 1:
+        from .parallel import parallel_attention
+
+        if seq_len is None:
+            raise ValueError("attention(parallel=...) needs seq_len, the length of the whole sharded sequence")
+        return parallel_attention(q, k, v, parallel, seq_len, lambda q, k, v: attention(q, k, v, backend))
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"attention expects (B, S, H, Dh) tensors, got {tuple(q.shape)}, {tuple(k.shape)}, "
                          f"{tuple(v.shape)}")

@@ -114,7 +114,8 @@ def image_latents(vae, image: torch.Tensor, frames: int, cfg, factors: VaeFactor
     """I2V conditioning (B, F, C, h, w): the sampled, scaled image latent, then zeros for the other frames.
     image: (B, 3, H, W) in [-1, 1]. Consumes the generator (one `sample` per image) before the noise draw."""
     image = image.to(device=device, dtype=dtype)[:, :, None]                   # (B, 3, 1, H, W)
-    lat = torch.cat([vae.encode(img[None]).sample(generator) for img in image])  # (B, C, 1, h, w)
+    with torch.no_grad():
+        lat = torch.cat([vae.encode(img[None]).sample(generator) for img in image])  # (B, C, 1, h, w)
     lat = lat.to(dtype).permute(0, 2, 1, 3, 4)                                  # (B, 1, C, h, w)
     # "forgot to multiply the scaling factor during training" (diffusers): 1.5 divides instead of multiplying
     lat = (1 / factors.scaling_factor * lat) if factors.invert_scale_latents else (factors.scaling_factor * lat)
@@ -140,26 +141,41 @@ def denoise(model: Callable, latents: torch.Tensor, prompt_embeds: torch.Tensor,
             guidance_scale: float = 6.0, use_dynamic_cfg: bool = False, sampler: str = "ddim",
             snr_shift_scale: float = 1.0, generator: torch.Generator | None = None,
             image_latents: torch.Tensor | None = None, ofs: torch.Tensor | None = None,
-            progress: bool = True) -> torch.Tensor:
+            progress: bool = True, parallel=None) -> torch.Tensor:
     """Run the sampler from noise `latents` (B, F, C, h, w). prompt_embeds: (2B, L, D) = [negative | positive]
-    when guidance_scale > 1 (classifier-free guidance, batched), else (B, L, D). Returns latents in their dtype."""
+    when guidance_scale > 1 (classifier-free guidance, batched), else (B, L, D). Returns latents in their dtype.
+
+    parallel: a `cogvideox.parallel.ParallelMesh`. Every rank runs this same loop on the same latents (the same
+    generator draws); the model splits each step's sequence over the mesh's sequence group, and with cfg=2 the
+    unconditional half of the guided batch runs on cfg rank 0 and the conditional half on cfg rank 1, combined by
+    one all-gather per step (`parallel.cfg_combine`)."""
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
     check_number("guidance_scale", guidance_scale, 0.0)
     cfg = guidance_scale > 1.0
+    split_cfg = parallel is not None and parallel.settings.cfg == 2
+    if split_cfg and not cfg:
+        raise ValueError("CFG-parallel (cfg=2) needs classifier-free guidance (guidance_scale > 1)")
     table, ts = S.alphas_cumprod(snr_shift_scale), S.timesteps(steps)
     dtype, old_x0 = latents.dtype, None
     steps_iter = ts.tolist()
     if progress and tqdm is not None:
         steps_iter = tqdm(steps_iter, desc=f"{sampler} sampling")
+    text = prompt_embeds.chunk(2)[parallel.cfg_rank] if split_cfg else prompt_embeds   # this rank's half
+    kwargs = {"parallel": parallel} if parallel is not None else {}
     for i, t in enumerate(steps_iter):
-        x = torch.cat([latents] * 2) if cfg else latents                       # (2B, F, C, h, w)
+        copies = 2 if cfg and not split_cfg else 1
+        x = torch.cat([latents] * copies) if copies > 1 else latents           # (2B or B, F, C, h, w)
         if image_latents is not None:
-            img = torch.cat([image_latents] * 2) if cfg else image_latents
+            img = torch.cat([image_latents] * copies) if copies > 1 else image_latents
             x = torch.cat([x, img], dim=2)                                      # [noisy | image] on channels
         timestep = torch.full((x.shape[0],), t, dtype=torch.int64, device=x.device)
         with torch.no_grad():
-            v = model(x, prompt_embeds, timestep, ofs=ofs).float()
+            v = model(x, text, timestep, ofs=ofs, **kwargs).float()
+        if split_cfg:
+            from .parallel import cfg_combine
+
+            v = cfg_combine(v, parallel)                                        # (2B, ...) = [uncond | cond]
         if cfg:
             g = S.dynamic_cfg_scale(guidance_scale, t, steps) if use_dynamic_cfg else guidance_scale
             v_uncond, v_text = v.chunk(2)
@@ -184,9 +200,12 @@ def generate(transformer, prompt_embeds: torch.Tensor, negative_prompt_embeds: t
              num_frames: int, height: int, width: int, steps: int = 50, guidance_scale: float = 6.0,
              use_dynamic_cfg: bool = False, sampler: str = "ddim", snr_shift_scale: float = 1.0,
              generator: torch.Generator | None = None, vae=None, factors: VaeFactors = VaeFactors(),
-             image=None, decode: bool = True, progress: bool = True) -> Generated:
+             image=None, decode: bool = True, progress: bool = True, parallel=None) -> Generated:
     """Sample a video. prompt_embeds (B, L, D) in the model dtype; negative_prompt_embeds the same shape, required
-    when guidance_scale > 1 (diffusers encodes "" for it). image: (B, 3, H, W) in [-1, 1] for I2V models."""
+    when guidance_scale > 1 (diffusers encodes "" for it). image: (B, 3, H, W) in [-1, 1] for I2V models.
+    parallel: a `cogvideox.parallel.ParallelMesh` (every rank calls generate with the same arguments; see
+    `denoise`); the VAE decodes on the mesh's first `vae` ranks (all of them when the VAE takes `parallel=`, else
+    rank 0 alone), and `video` is None on the other ranks."""
     cfg = transformer.config
     i2v = image is not None
     check_number("guidance_scale", guidance_scale, 0.0)
@@ -217,10 +236,10 @@ def generate(transformer, prompt_embeds: torch.Tensor, negative_prompt_embeds: t
     ofs = torch.full((1,), 2.0, device=device, dtype=dtype) if cfg.ofs_embed_dim else None   # 1.5-I2V
     latents = denoise(transformer, latents, text, steps=steps, guidance_scale=guidance_scale,
                       use_dynamic_cfg=use_dynamic_cfg, sampler=sampler, snr_shift_scale=snr_shift_scale,
-                      generator=generator, image_latents=cond, ofs=ofs, progress=progress)
+                      generator=generator, image_latents=cond, ofs=ofs, progress=progress, parallel=parallel)
     out = Generated(latents, extra)
     if vae is not None and decode:
-        out.video = decode_latents(vae, latents[:, extra:], factors)
+        out.video = decode_latents(vae, latents[:, extra:], factors, parallel)
     return out
 
 
@@ -235,10 +254,19 @@ def check_size(num_frames: int, height: int, width: int, cfg, factors: VaeFactor
                          f"e.g. 49 or 81, got {num_frames!r}")
 
 
-def decode_latents(vae, latents: torch.Tensor, factors: VaeFactors) -> torch.Tensor:
-    """(B, F, C, h, w) -> video (B, 3, T, H, W) in [-1, 1], as diffusers' decode_latents (1 / sf * latents)."""
+def decode_latents(vae, latents: torch.Tensor, factors: VaeFactors, parallel=None) -> torch.Tensor | None:
+    """(B, F, C, h, w) -> video (B, 3, T, H, W) in [-1, 1], as diffusers' decode_latents (1 / sf * latents).
+    parallel: decode across the mesh's VAE ranks when the VAE supports it (vae.decode(parallel=)), else on rank 0
+    alone; None on ranks that get no video."""
+    z = 1 / factors.scaling_factor * latents.permute(0, 2, 1, 3, 4)
     with torch.no_grad():
-        return vae.decode(1 / factors.scaling_factor * latents.permute(0, 2, 1, 3, 4))
+        if parallel is None:
+            return vae.decode(z)
+        import inspect
+
+        if parallel.settings.vae > 1 and "parallel" in inspect.signature(vae.decode).parameters:
+            return vae.decode(z, parallel=parallel) if parallel.vae_group is not None else None
+        return vae.decode(z) if parallel.rank == 0 else None
 
 
 # ---- output ------------------------------------------------------------------------------------------------

@@ -29,11 +29,12 @@ from typing import Callable, NamedTuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 import kernels
-from kernels.expert_adaln import expert_rows
 from kernels.rope3d import rope3d_positions
 
+from . import parallel as cp
 from .attention import attention
 from .config import TransformerConfig
 
@@ -146,23 +147,26 @@ class PatchEmbed(nn.Module):
             n = T * (cfg.sample_height // cfg.patch_size) * (cfg.sample_width // cfg.patch_size)
             self.register_buffer("pos_embedding", torch.zeros(1, cfg.max_text_seq_length + n, cfg.inner_dim))
 
-    def forward(self, text, latents, cfg: TransformerConfig, grid):
-        x = torch.cat([self.text_proj(text),                                   # (B, L, D)
-                       self.proj(patchify(latents, cfg.patch_size, cfg.patch_size_t or 1))], dim=1)  # (B, S, D)
+    def forward(self, text, patches, cfg: TransformerConfig, grid, text_len: int, start: int = 0):
+        """text (B, l, text_embed_dim) and patches (B, n, C_in * patch_dim): the rows [start, start + l + n) of the
+        joint [text | vision] sequence whose text is text_len long (all of it, or one rank's shard: every op here is
+        per token) -> (B, l + n, D), positional tables added."""
+        x = torch.cat([self.text_proj(text), self.proj(patches)], dim=1)      # (B, l + n, D)
         if cfg.use_rotary_positional_embeddings and not cfg.use_learned_positional_embeddings:
             return x
-        L = text.shape[1]
+        L, stop = text_len, start + x.shape[1]
         frames = (grid[0] - 1) * cfg.temporal_compression_ratio + 1
         if cfg.use_learned_positional_embeddings and frames == cfg.sample_frames:
             if L != cfg.max_text_seq_length:
                 raise ValueError(f"the learned positional table covers {cfg.max_text_seq_length} text tokens, "
                                  f"got {L}")
-            return x + self.pos_embedding.to(x.dtype)                          # text rows too
+            return x + self.pos_embedding[:, start:stop].to(x.dtype)           # text rows too
         # 2B sincos, and diffusers' silent fallback for the learned table when frames != sample_frames. The table's
         # text rows are zero, so adding it to the vision rows alone is the same sum.
         table = sincos_3d_table(cfg.inner_dim, grid, cfg.spatial_interpolation_scale,
                                 cfg.temporal_interpolation_scale, x.device).to(x.dtype)
-        return torch.cat([x[:, :L], x[:, L:] + table], dim=1)
+        n_text = text.shape[1]
+        return torch.cat([x[:, :n_text], x[:, n_text:] + table[max(start - L, 0):max(stop - L, 0)]], dim=1)
 
 
 class ExpertAdaLN(nn.Module):
@@ -196,21 +200,29 @@ class Attention(nn.Module):
         self.norm_k = nn.LayerNorm(dim // heads, eps=1e-6)
         self.to_out = nn.Linear(dim, dim)
 
-    def qkv(self, h, text_len, grid, rope: Rope | None, ops: Ops):
-        """h (B, S, D) -> q, k, v (B, S, H, Dh); q, k normed (all tokens) and rotated (vision tokens)."""
+    def qkv(self, h, text_len, grid, rope: Rope | None, ops: Ops, offset: int | None = None):
+        """h (B, S, D) -> q, k, v (B, S, H, Dh); q, k normed (all tokens) and rotated (vision tokens).
+        offset: h is the shard of the joint sequence starting at that token (context parallelism)."""
         q, k, v = self.to_qkv(h).unflatten(-1, (3, self.heads, -1)).unbind(2)
         if rope is None:
-            # No RoPE (2B): the LayerNorm is the whole op, and torch's is already one kernel.
-            return self.norm_q(q), self.norm_k(k), v
+            # No RoPE (2B): the q/k LayerNorm alone, through rope3d with every token "text" (nothing rotates): one
+            # pass over the strided q / k slices of the QKV output, where torch's LayerNorm would first copy them
+            # contiguous. Its output is in q's dtype, also under autocast (as v, which SDPA needs).
+            none = (torch.zeros(3, device=q.device),) * 2   # start, step: unused without vision tokens
+            return (ops.rope3d(q, q.shape[1], (0, 0, 0), *none, weight=self.norm_q.weight, bias=self.norm_q.bias,
+                               eps=self.norm_q.eps),
+                    ops.rope3d(k, k.shape[1], (0, 0, 0), *none, weight=self.norm_k.weight, bias=self.norm_k.bias,
+                               eps=self.norm_k.eps), v)
         start, step = rope
         q = ops.rope3d(q, text_len, grid, start, step, weight=self.norm_q.weight, bias=self.norm_q.bias,
-                       eps=self.norm_q.eps)
+                       eps=self.norm_q.eps, offset=offset)
         k = ops.rope3d(k, text_len, grid, start, step, weight=self.norm_k.weight, bias=self.norm_k.bias,
-                       eps=self.norm_k.eps)
+                       eps=self.norm_k.eps, offset=offset)
         return q, k, v
 
-    def forward(self, h, text_len, grid, rope, ops):
-        return self.to_out(attention(*self.qkv(h, text_len, grid, rope, ops)).flatten(2))   # (B, S, D)
+    def forward(self, h, text_len, grid, rope, ops, offset=None, seq_len=None, parallel=None):
+        q, k, v = self.qkv(h, text_len, grid, rope, ops, offset)
+        return self.to_out(attention(q, k, v, parallel=parallel, seq_len=seq_len).flatten(2))   # (B, S, D)
 
 
 class FeedForward(nn.Module):
@@ -224,6 +236,12 @@ class FeedForward(nn.Module):
 
     def forward(self, h):
         return self.net[2](self.net[1](F.gelu(self.net[0].proj(h), approximate="tanh")))
+
+
+class Residual(NamedTuple):
+    """A block's feed-forward residual, not yet added: the block's output is x + gate[e] * y."""
+    y: torch.Tensor      # (B, S, D) feed-forward output
+    gate: torch.Tensor   # (B, E, D) per-expert gate
 
 
 class CogVideoXBlock(nn.Module):
@@ -255,19 +273,32 @@ class CogVideoXBlock(nn.Module):
             nn.init.zeros_(self.attn_temporal.to_out.weight)
             nn.init.zeros_(self.attn_temporal.to_out.bias)
 
-    def forward(self, x, emb, text_len: int, grid, rope: Rope | None, ops: Ops):
-        """x (B, S, D) joint sequence, emb (B, time_embed_dim) -> (B, S, D)."""
+    def forward(self, x, emb, text_len: int, grid, rope: Rope | None, ops: Ops, offset: int = 0,
+                seq_len: int | None = None, parallel=None, residual: Residual | None = None) -> tuple:
+        """x (B, S, D) joint sequence, emb (B, time_embed_dim) -> (x, Residual(ff, gate2)): the block's output is
+        x + gate2 * ff, left unsummed so that the next op (the next block's first norm, or the final norm) adds it
+        in the same pass as its LayerNorm (`expert_adaln_residual`): the sum is never a separate kernel.
+        residual: the previous block's pending (ff, gate2), added to x here.
+
+        Context parallelism: x is this rank's shard, tokens [offset, offset + S) of a joint sequence of seq_len
+        tokens; every op but attention is per token and takes the offset, attention() sees `parallel`."""
         shift1, scale1, gate1 = self.norm1(emb)                                # (B, 2, D) each
         shift2, scale2, gate2 = self.norm2(emb)
-        h = ops.expert_adaln(x, shift1, scale1, text_len, **self.norm1.affine())             # (B, S, D)
+        if residual is None:
+            h = ops.expert_adaln(x, shift1, scale1, text_len, offset=offset, **self.norm1.affine())   # (B, S, D)
+        else:
+            x, h = ops.expert_adaln_residual(x, residual.y, residual.gate, shift1, scale1, text_len, offset=offset,
+                                             **self.norm1.affine())
         if self.attn_temporal is None:
-            a = self.attn1(h, text_len, grid, rope, ops)
+            rope_offset = offset if parallel is not None else None
+            a = self.attn1(h, text_len, grid, rope, ops, rope_offset, seq_len, parallel)
         else:
             a = self.spatial_attention(h, text_len, grid, rope, ops)
             x, h = ops.expert_adaln_residual(x, a, gate1, shift1, scale1, text_len, **self.norm1.affine())
             a = self.temporal_attention(h, text_len, grid, rope, ops)
-        x, h = ops.expert_adaln_residual(x, a, gate1, shift2, scale2, text_len, **self.norm2.affine())
-        return x + expert_rows(gate2, text_len, x.shape[1]) * self.ff(h)
+        x, h = ops.expert_adaln_residual(x, a, gate1, shift2, scale2, text_len, offset=offset,
+                                         **self.norm2.affine())
+        return x, Residual(self.ff(h), gate2)
 
     def spatial_attention(self, h, text_len, grid, rope, ops):
         """2d+1d stage 1: (B, S, D) -> (B, S, D); per frame, [text | frame tokens] attend to each other."""
@@ -302,9 +333,14 @@ class CogVideoXTransformer(nn.Module):
 
     use_kernels: None = fused kernels on CUDA, pure-torch references on CPU; True = the public `kernels` ops;
     False = the references. attention_layout: "3d" (CogVideoX) or "2d+1d" (ablation; see CogVideoXBlock).
+    checkpointing: activation checkpointing while grad is enabled; 0 = off, k = blocks 0, k, 2k, ... recompute
+    their activations in backward (1 = every block; torch.utils.checkpoint, use_reentrant=False, RNG state
+    replayed: the same computation, bitwise the same gradients in the CPU tests). An attribute: it can change
+    between steps.
     """
 
-    def __init__(self, config: TransformerConfig, use_kernels: bool | None = None, attention_layout: str = "3d"):
+    def __init__(self, config: TransformerConfig, use_kernels: bool | None = None, attention_layout: str = "3d",
+                 checkpointing: int = 0):
         super().__init__()
         if not isinstance(config, TransformerConfig):
             raise TypeError(f"config must be a TransformerConfig, got {type(config).__name__}")
@@ -312,7 +348,10 @@ class CogVideoXTransformer(nn.Module):
             raise ValueError(f"attention_layout must be '3d' or '2d+1d', got {attention_layout!r}")
         if use_kernels not in (None, True, False):
             raise TypeError(f"use_kernels must be None, True or False, got {use_kernels!r}")
+        if isinstance(checkpointing, bool) or not isinstance(checkpointing, int) or checkpointing < 0:
+            raise ValueError(f"checkpointing must be an int >= 0 (0 off, k every k-th block), got {checkpointing!r}")
         self.config, self.use_kernels, self.attention_layout = config, use_kernels, attention_layout
+        self.checkpointing = checkpointing
         cfg, D = config, config.inner_dim
         self.patch_embed = PatchEmbed(cfg)
         self.embedding_dropout = nn.Dropout(cfg.dropout)
@@ -325,31 +364,62 @@ class CogVideoXTransformer(nn.Module):
         self.norm_out.norm = nn.LayerNorm(D, eps=cfg.norm_eps)
         self.proj_out = nn.Linear(D, cfg.patch_dim * cfg.out_channels)
 
-    def forward(self, latents, text, timestep, ofs=None):
+    def forward(self, latents, text, timestep, ofs=None, parallel: cp.ParallelMesh | None = None):
         """latents (B, F, C_in, H, W), text (B, L, text_embed_dim), timestep (B,), ofs (B,) or (1,) for
-        1.5-I2V -> (B, F, C_out, H, W), in the model's dtype."""
+        1.5-I2V -> (B, F, C_out, H, W), in the model's dtype.
+
+        parallel: a `cogvideox.parallel.ParallelMesh` (context parallelism): every rank of its sequence group passes
+        the same inputs and gets the whole output; the joint sequence is split once into contiguous token shards
+        (any length: uneven shards), each rank runs the blocks on its shard (attention() exchanges what it needs),
+        and the per-token head's output is gathered once before unpatchify."""
         cfg = self.config
         timestep, ofs = self._check_inputs(latents, text, timestep, ofs)
+        if parallel is not None and self.attention_layout != "3d":
+            raise ValueError("context parallelism supports attention_layout '3d' (the 2d+1d ablation runs on one rank)")
         ops = KERNEL_OPS if (latents.is_cuda if self.use_kernels is None else self.use_kernels) else REFERENCE_OPS
         B, Fr, _, H, W = latents.shape
         p, pt, L = cfg.patch_size, cfg.patch_size_t or 1, text.shape[1]
         grid = (Fr // pt, H // p, W // p)
+        S = L + grid[0] * grid[1] * grid[2]
         emb = self.time_embedding(timestep_sincos(timestep, cfg.inner_dim).to(latents.dtype))   # (B, E_t)
         if self.ofs_embedding is not None:
             emb = emb + self.ofs_embedding(timestep_sincos(ofs, cfg.ofs_embed_dim).to(latents.dtype))
-        x = self.embedding_dropout(self.patch_embed(text, latents, cfg, grid))  # (B, S, D) = [text | vision]
+        patches = patchify(latents, p, pt)                                      # (B, N, C_in * patch_dim)
+        start, stop = parallel.shard_range(S) if parallel is not None else (0, S)
+        # The split, before the (per-token) embedding: this rank's rows [start, stop) of [text | vision].
+        text, patches = (cp.shard(text, parallel, min(start, L), min(stop, L)),
+                         cp.shard(patches, parallel, max(start - L, 0), max(stop - L, 0)))
+        x = self.embedding_dropout(self.patch_embed(text, patches, cfg, grid, L, start))   # (B, s, D)
         rope = None
         if cfg.use_rotary_positional_embeddings:
             # As tensors, built here once (one host-to-device copy), outside the blocks: compiled blocks then take
             # the positions as data, and 1.0's fractional positions, new at every aspect ratio, do not recompile.
             rope = rope3d_positions(*rope_positions(cfg, grid), device=latents.device)   # (3,), (3,) fp32
-        for block in self.transformer_blocks:
-            x = block(x, emb, L, grid, rope, ops)                               # (B, S, D)
-        x = self.norm_final(x[:, L:])                                           # (B, N, D) vision only
+        k = self.checkpointing if torch.is_grad_enabled() else 0
+        residual = None
+        for i, block in enumerate(self.transformer_blocks):
+            args = (x, emb, L, grid, rope, ops, start, S, parallel, residual)
+            x, residual = checkpoint(block, *args, use_reentrant=False) if k and i % k == 0 else block(*args)
+        # The last block's residual and norm_final in one pass, on the vision rows only (the text stream is
+        # discarded): expert_adaln_residual with zero modulation is LN(x + gate * y) with norm_final's affine.
+        v0 = max(L - start, 0)                                                  # first vision row of the shard
+        if residual is None:                                                    # a model with no blocks
+            x = self.norm_final(x[:, v0:])
+        else:
+            zero = residual.gate.new_zeros(residual.gate.shape)
+            _, x = ops.expert_adaln_residual(x[:, v0:], residual.y[:, v0:], residual.gate, zero, zero, L,
+                                             offset=start + v0, weight=self.norm_final.weight,
+                                             bias=self.norm_final.bias, eps=self.norm_final.eps)   # (B, n, D)
         shift, scale = self.norm_out.linear(F.silu(emb)).unflatten(1, (2, 1, -1)).unbind(1)   # (B, 1, D) each
+        # Under CUDA autocast norm_final returns fp32 and the Linear bf16: modulate in fp32, as diffusers does.
+        shift, scale = shift.to(x.dtype), scale.to(x.dtype)
         x = ops.expert_adaln(x, shift, scale, 0, weight=self.norm_out.norm.weight, bias=self.norm_out.norm.bias,
                              eps=self.norm_out.norm.eps)
-        return unpatchify(self.proj_out(x), grid, p, pt)                      # (B, F, C_out, H, W)
+        x = self.proj_out(x)                                                    # (B, n, C_out * patch_dim)
+        if parallel is not None:   # the gather: every rank's vision rows, in order
+            ranges = cp.shard_ranges(S, parallel.settings.seq)
+            x = cp.gather(x, parallel, [max(b - max(a, L), 0) for a, b in ranges])
+        return unpatchify(x, grid, p, pt)                                      # (B, F, C_out, H, W)
 
     def _check_inputs(self, latents, text, timestep, ofs):
         cfg = self.config

@@ -4,9 +4,11 @@ Video (B, 3, T, H, W) in [-1, 1] <-> latents (B, 16, F, H/8, W/8), F = (T - 1) /
 Everything that parity depends on is in ../shared/reference/diffusers-cogvideox.md §4:
 - every k=3 conv is causal in time: the T axis is padded in front with two copies of frame 0, or, in a later
   temporal chunk, with the last two frames the same conv saw in the previous chunk (its cache); H and W are
-  zero-padded by 1. The padding is done by `kernels.causal_pad3d`, or, when a norm + SiLU comes first (almost
-  always), by `kernels.group_norm_silu_pad`, which writes the normalised activation straight into the padded
-  conv input. The conv itself then runs with padding=0;
+  zero-padded by 1. The frames in front are prepended by `kernels.causal_pad3d`, or, when a norm + SiLU comes
+  first (almost always), by `kernels.group_norm_silu_pad`, which writes the normalised activation straight into
+  the temporally padded conv input. H and W are padded inside the conv (padding=(0, 1, 1)), as diffusers' does:
+  a spatially padded copy would move 0.7% more bytes at 480 x 720 and its 722-element rows defeat 16-byte
+  vector accesses (kernels._static, `python -m bench kernels --static`);
 - frames are processed in temporal chunks (encode 9, 8, 8, ...; decode 3, 2, 2, ... latents) and GroupNorm
   statistics span one chunk. This is semantic, not a memory trick: it changes the output. `exact_groupnorm=True`
   runs every frame as one chunk instead, i.e. whole-video statistics (the paper's context-parallel training);
@@ -90,7 +92,8 @@ class CausalConv3d(nn.Module):
         k = self.kernel_size
         if k == 1:   # pointwise (SpatialNorm's conv_y, conv_b): nothing to pad, nothing to cache
             return _conv3d(x, self.conv.weight, self.conv.bias)
-        pad_hw, cache = ((k - 1) // 2,) * 2, chunk.caches.pop(self, None)
+        pad, cache = (k - 1) // 2, chunk.caches.pop(self, None)
+        pad_hw = (0, 0)                                       # H and W are padded by the conv
         if norm is None:
             x, cache = chunk.pad(x, k, cache, pad_hw, "first")
         else:
@@ -101,7 +104,7 @@ class CausalConv3d(nn.Module):
             del scale, shift                                  # free before the conv allocates its output
         if not chunk.last:
             chunk.caches[self] = cache
-        return _conv3d(x, self.conv.weight, self.conv.bias)  # x: (B, Cin, T + k - 1, H + k - 1, W + k - 1)
+        return _conv3d(x, self.conv.weight, self.conv.bias, padding=(0, pad, pad))   # x: (B, Cin, T + k - 1, H, W)
 
 
 class SpatialNorm3D(nn.Module):
@@ -312,9 +315,11 @@ def free_memory(device: torch.device) -> int:
 
 
 class CogVideoXVAE(nn.Module):
-    """AutoencoderKLCogVideoX. use_kernels: None or True run the `kernels` ops (Triton on CUDA, references on
-    CPU; see kernels/_dispatch.py), False the pure-torch references. In eval mode (what `load_vae` returns)
-    encode and decode build no autograd graph."""
+    """AutoencoderKLCogVideoX. use_kernels, as in CogVideoXTransformer: None = the `kernels` ops on CUDA and the
+    pure-torch references on CPU; True = the `kernels` ops (Triton on CUDA; on CPU the references unless
+    kernels/_dispatch.py's environment selects the interpreter); False = the references. Eval mode (what
+    `load_vae` returns) only means no dropout: encode and decode build an autograd graph whenever grad is
+    enabled, so a latent-space loss gets gradients (run inference under torch.no_grad, as the pipeline does)."""
 
     def __init__(self, config: VAEConfig, use_kernels: bool | None = None, tiling: Tiling | None = None):
         super().__init__()
@@ -393,17 +398,17 @@ class CogVideoXVAE(nn.Module):
 
     def _run(self, kind, x, tiling, memory_budget, exact_groupnorm):
         per_sample, tiled = self.plan(kind, x.shape, x.dtype, x.device, tiling, memory_budget, exact_groupnorm)
-        with torch.set_grad_enabled(self.training and torch.is_grad_enabled()):
-            if per_sample:
-                return torch.cat([self._spatial(kind, s, tiled, exact_groupnorm) for s in x.split(1)])
-            return self._spatial(kind, x, tiled, exact_groupnorm)
+        if per_sample:
+            return torch.cat([self._spatial(kind, s, tiled, exact_groupnorm) for s in x.split(1)])
+        return self._spatial(kind, x, tiled, exact_groupnorm)
 
     def _temporal(self, net, x, chunk, exact_groupnorm):
         """Chunk by chunk through `net`, each causal conv's cache carried to the next chunk."""
         caches, spans, outs = {}, _frame_spans(x.shape[2], chunk, exact_groupnorm), []
         for n, (a, b) in enumerate(spans):
             part = x[:, :, a:b]
-            outs.append(net(part, _Chunk(caches, n == len(spans) - 1, self.use_kernels,
+            kernels = part.is_cuda if self.use_kernels is None else self.use_kernels
+            outs.append(net(part, _Chunk(caches, n == len(spans) - 1, kernels,
                                          zq=part if net is self.decoder else None)))
         return torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
 

@@ -44,36 +44,56 @@ def compile_sm90(fn, signature: dict, constexprs: dict, num_warps: int = 4, num_
     its module and name: call this directly from tests, interpreter or not.
     """
     if os.environ.get("TRITON_INTERPRET") == "1" or not hasattr(fn, "cache_key"):
-        return _compile_in_child(fn, signature, constexprs, num_warps, num_stages, divisible_by_16)
+        py_fn = getattr(fn, "fn", fn)
+        reply = call_in_child("kernels._aot", "_compile_sm90_job", py_fn.__module__, py_fn.__name__, signature,
+                              constexprs, num_warps, num_stages, list(divisible_by_16))
+        return CompiledInfo(**reply)
     attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in divisible_by_16}
     src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
-    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                              options={"num_warps": num_warps, "num_stages": num_stages})
-    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    compiled = triton.compile(src, target=SM90, options={"num_warps": num_warps, "num_stages": num_stages})
+    return _info(compiled)
+
+
+SM90 = GPUTarget("cuda", 90, 32)
+CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+
+
+def cuobjdump(cubin: bytes, flag: str) -> str:
+    """`cuobjdump <flag>` (e.g. -res-usage, -sass) of a cubin; the tool ships in triton's wheel."""
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "kernel.cubin")
         with open(path, "wb") as f:
-            f.write(compiled.asm["cubin"])
-        usage = subprocess.run([cuobjdump, "-res-usage", path], capture_output=True, text=True, check=True).stdout
+            f.write(cubin)
+        return subprocess.run([CUOBJDUMP, flag, path], capture_output=True, text=True, check=True).stdout
+
+
+def _info(compiled) -> CompiledInfo:
+    usage = cuobjdump(compiled.asm["cubin"], "-res-usage")
     m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", usage)
     if m is None:
         raise RuntimeError(f"could not read resource usage from cuobjdump:\n{usage}")
     return CompiledInfo(int(m.group(1)), int(m.group(2)), int(m.group(3)), compiled.asm["ttir"], compiled.asm["ptx"])
 
 
+def _compile_sm90_job(module, name, signature, constexprs, num_warps, num_stages, divisible_by_16) -> dict:
+    from dataclasses import asdict
+    import importlib
+    fn = getattr(importlib.import_module(module), name)
+    return asdict(compile_sm90(fn, signature, constexprs, num_warps, num_stages, tuple(divisible_by_16)))
+
+
 # The child: one per process that asks, started on the first compile and reused (each start imports torch and
-# triton, seconds on a loaded CI box), reading one JSON job a line and answering one JSON line. Replies go to a
-# private copy of stdout, because the compiler may print to stdout itself.
+# triton, seconds on a loaded CI box), reading one JSON job a line (a module, a function and its JSON arguments)
+# and answering one JSON line (the function's dict). Replies go to a private copy of stdout, because the compiler
+# may print to stdout itself.
 _CHILD = """
 import importlib, json, os, sys, traceback
-from dataclasses import asdict
-from kernels._aot import compile_sm90
 replies = os.fdopen(os.dup(1), "w")
 os.dup2(2, 1)
 for line in sys.stdin:
-    mod, name, sig, cx, nw, ns, div = json.loads(line)
+    mod, name, args = json.loads(line)
     try:
-        reply = asdict(compile_sm90(getattr(importlib.import_module(mod), name), sig, cx, nw, ns, tuple(div)))
+        reply = {"ok": getattr(importlib.import_module(mod), name)(*args)}
     except Exception:
         reply = {"error": traceback.format_exc()}
     replies.write(json.dumps(reply) + "\\n")
@@ -82,7 +102,8 @@ for line in sys.stdin:
 _child = None
 
 
-def _compile_in_child(fn, signature, constexprs, num_warps, num_stages, divisible_by_16) -> CompiledInfo:
+def call_in_child(module: str, name: str, *args):
+    """module.name(*args) in the compiler child (no TRITON_INTERPRET): JSON arguments in, a JSON value back."""
     global _child
     if _child is None or _child.poll() is not None:
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -91,14 +112,12 @@ def _compile_in_child(fn, signature, constexprs, num_warps, num_stages, divisibl
         _child = subprocess.Popen([sys.executable, "-c", _CHILD], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                   stderr=subprocess.DEVNULL, text=True, env=env, cwd=root)
         atexit.register(_child.stdin.close)   # the child ends at EOF
-    py_fn = getattr(fn, "fn", fn)
-    job = [py_fn.__module__, py_fn.__name__, signature, constexprs, num_warps, num_stages, list(divisible_by_16)]
-    _child.stdin.write(json.dumps(job) + "\n")
+    _child.stdin.write(json.dumps([module, name, list(args)]) + "\n")
     _child.stdin.flush()
     line = _child.stdout.readline()
     if not line:
-        raise RuntimeError(f"sm_90 compile of {py_fn.__name__}: the compiler process died (exit {_child.wait()})")
+        raise RuntimeError(f"sm_90 compile ({module}.{name}): the compiler process died (exit {_child.wait()})")
     reply = json.loads(line)
     if "error" in reply:
-        raise RuntimeError(f"sm_90 compile of {py_fn.__name__} failed:\n{reply['error'][-4000:]}")
-    return CompiledInfo(**reply)
+        raise RuntimeError(f"sm_90 compile ({module}.{name}) failed:\n{reply['error'][-4000:]}")
+    return reply["ok"]

@@ -10,6 +10,8 @@ Dispatch rule (one place, so every op behaves the same):
 from __future__ import annotations
 
 import functools
+import math
+import numbers
 import os
 from typing import Iterable
 
@@ -64,12 +66,59 @@ def check_params(x: torch.Tensor, size: int, **params) -> None:
             check_shape(name, p, (size,))
 
 
-def check_text_len(text_len, seq_len: int) -> int:
+def check_text_len(text_len, seq_len: int | None) -> int:
+    """An int in [0, seq_len]; seq_len None: any int >= 0 (a context-parallel shard may hold text tokens only, the
+    global text_len then exceeds its offset + S)."""
     if isinstance(text_len, bool) or not isinstance(text_len, int):
         raise TypeError(f"text_len must be an int, got {type(text_len).__name__}")
-    if not 0 <= text_len <= seq_len:
+    if seq_len is None and text_len < 0:
+        raise ValueError(f"text_len must be >= 0, got {text_len}")
+    if seq_len is not None and not 0 <= text_len <= seq_len:
         raise ValueError(f"text_len must lie in [0, S={seq_len}], got {text_len}")
     return text_len
+
+
+def check_finite_float(name: str, v) -> float:
+    """A finite real number (an int or a numpy scalar too, not a bool) -> float; TypeError / ValueError naming
+    `name`. Non-finite numbers are errors everywhere they are accepted: a NaN or inf eps, theta or position only
+    yields NaN."""
+    if isinstance(v, bool) or not isinstance(v, (numbers.Real, torch.SymFloat, torch.SymInt)):
+        raise TypeError(f"{name} must be a real number, got {type(v).__name__}")
+    v = float(v)
+    if not -math.inf < v < math.inf:   # comparisons, not math.isfinite: under torch.compile v may be a SymFloat
+        raise ValueError(f"{name} must be finite, got {v}")
+    return v
+
+
+def check_positive_float(name: str, v) -> float:
+    """A finite real number > 0 -> float (as check_finite_float)."""
+    if isinstance(v, bool) or not isinstance(v, (numbers.Real, torch.SymFloat, torch.SymInt)):
+        raise TypeError(f"{name} must be a real number, got {type(v).__name__}")
+    v = float(v)
+    if not 0 < v < math.inf:
+        raise ValueError(f"{name} must be a finite number > 0, got {v}")
+    return v
+
+
+def check_eps(eps) -> float:
+    """The normalization epsilon of every op: a finite float > 0 (eps <= 0 divides by zero on a constant row)."""
+    return check_positive_float("eps", eps)
+
+
+def local_text_len(text_len: int, seq_len: int, offset: int = 0) -> int:
+    """Text rows of the shard [offset, offset + seq_len) of a joint [text | vision] sequence with text_len text
+    tokens: the shard's rows [0, result) are text. sym_min / sym_max keep a symbolic seq_len symbolic under
+    torch.compile (on plain ints they are min / max)."""
+    return torch.sym_min(torch.sym_max(text_len - offset, 0), seq_len)
+
+
+def check_offset(offset) -> int:
+    """A shard's global index of its first token (context parallelism): an int >= 0, not a bool."""
+    if isinstance(offset, bool) or not isinstance(offset, int):
+        raise TypeError(f"offset must be an int, got {type(offset).__name__}")
+    if offset < 0:
+        raise ValueError(f"offset must be >= 0, got {offset}")
+    return offset
 
 
 def last_dim_contiguous(t: torch.Tensor | None) -> torch.Tensor | None:

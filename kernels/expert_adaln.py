@@ -5,10 +5,16 @@
 
 x is the joint sequence (B, S, D) = [text | vision]; e(s) = 0 for s < text_len (the text expert), 1 otherwise.
 With E = 1 one expert modulates every token. One LayerNorm weight/bias serves both experts.
+Under context parallelism x is a shard: rows [offset, offset + S) of the joint sequence, text_len the global text
+length, so local row s is text when offset + s < text_len; the shard's text rows are [0, clamp(text_len - offset,
+0, S)), computed on the host (local_text_len): the kernels only ever see a local boundary.
 
 Fused: one kernel reads x (and y) once and writes x_new (residual stream) and out once; LayerNorm statistics,
 the residual and the modulation stay in registers. x_new is rounded to x.dtype before the LayerNorm, as the
-reference (and the unfused model) does. The backward kernel recomputes mean/rstd from the row it reads anyway
+reference (and the unfused model) does. Mean and variance are taken of x - x[0] (the row's first element, a
+scalar load of a line already in L1): an fp32 mean of raw values like 12345.678 is off by ~1e-3, which a constant
+row's rstd = 1/sqrt(eps) would turn into outputs of ~0.3 instead of torch's exact 0; shifted, such a row is
+exactly 0 and near-constant rows keep their precision. The backward kernel recomputes mean/rstd from the row it reads anyway
 (x for expert_adaln, the saved x_new for the residual op), so the forward saves no statistics, and writes dx
 (and dy) once. Reductions over tokens (dshift, dscale, dgate per expert; dweight, dbias) are per-program fp32
 partials, summed on the host in a fixed order: deterministic, no atomics.
@@ -25,41 +31,45 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._dispatch import (check_grid, check_like, check_params, check_shape, check_tensor, check_text_len,
-                        last_dim_contiguous, num_sms, use_triton)
+from ._dispatch import (check_eps, check_grid, check_like, check_offset, check_params, check_shape, check_tensor,
+                        check_text_len, last_dim_contiguous, local_text_len, num_sms, use_triton)
 from ._triton_common import cast_rtne
 
 
-def expert_rows(p: torch.Tensor, text_len: int, seq_len: int) -> torch.Tensor:
-    """(B, E, D) per-expert vectors -> (B, S, D) per-token view: expert 0 for text rows, expert 1 for vision."""
+def expert_rows(p: torch.Tensor, text_len: int, seq_len: int, offset: int = 0) -> torch.Tensor:
+    """(B, E, D) per-expert vectors -> (B, S, D) per-token view: expert 0 for text rows, expert 1 for vision.
+    offset: the global index of the first row (a context-parallel shard); text_len stays the global text length."""
     B, E, D = p.shape
     if E == 1:
         return p.expand(B, seq_len, D)
-    return torch.cat([p[:, :1].expand(B, text_len, D), p[:, 1:].expand(B, seq_len - text_len, D)], dim=1)
+    n_text = local_text_len(text_len, seq_len, offset)
+    return torch.cat([p[:, :1].expand(B, n_text, D), p[:, 1:].expand(B, seq_len - n_text, D)], dim=1)
 
 
-def expert_sum(t: torch.Tensor, text_len: int, E: int) -> torch.Tensor:
+def expert_sum(t: torch.Tensor, text_len: int, E: int, offset: int = 0) -> torch.Tensor:
     """(B, S, D) per-token values -> (B, E, D) sums over each expert's tokens (the adjoint of expert_rows)."""
     if E == 1:
         return t.sum(1, keepdim=True)
-    return torch.stack([t[:, :text_len].sum(1), t[:, text_len:].sum(1)], dim=1)
+    n_text = local_text_len(text_len, t.shape[1], offset)
+    return torch.stack([t[:, :n_text].sum(1), t[:, n_text:].sum(1)], dim=1)
 
 
-def expert_adaln_ref(x, shift, scale, text_len, weight=None, bias=None, eps=1e-5):
+def expert_adaln_ref(x, shift, scale, text_len, weight=None, bias=None, eps=1e-5, offset=0):
     """Pure torch, fp32 inside, one rounding to x.dtype at the end."""
     B, S, D = x.shape
     w = None if weight is None else weight.float()
     b = None if bias is None else bias.float()
     normed = F.layer_norm(x.float(), (D,), w, b, eps)
-    out = normed * (1 + expert_rows(scale.float(), text_len, S)) + expert_rows(shift.float(), text_len, S)
+    out = normed * (1 + expert_rows(scale.float(), text_len, S, offset))
+    out = out + expert_rows(shift.float(), text_len, S, offset)
     return out.to(x.dtype)
 
 
-def expert_adaln_residual_ref(x, y, gate, shift, scale, text_len, weight=None, bias=None, eps=1e-5):
+def expert_adaln_residual_ref(x, y, gate, shift, scale, text_len, weight=None, bias=None, eps=1e-5, offset=0):
     """x_new = x + gate * y (rounded to x.dtype), then expert_adaln_ref(x_new, ...)."""
     S = x.shape[1]
-    x_new = (x.float() + expert_rows(gate.float(), text_len, S) * y.float()).to(x.dtype)
-    return x_new, expert_adaln_ref(x_new, shift, scale, text_len, weight, bias, eps)
+    x_new = (x.float() + expert_rows(gate.float(), text_len, S, offset) * y.float()).to(x.dtype)
+    return x_new, expert_adaln_ref(x_new, shift, scale, text_len, weight, bias, eps, offset)
 
 
 @triton.jit
@@ -96,17 +106,23 @@ def _expert_adaln_fwd_kernel(
         scale1 = 1.0 + tl.load(SCALE + b * s_cb + e * s_ce + cols, mask=mask, other=0.0).to(tl.float32)
         if HAS_RESIDUAL:
             gate = tl.load(GATE + b * s_gb + e * s_ge + cols, mask=mask, other=0.0).to(tl.float32)
+            gate0 = tl.load(GATE + b * s_gb + e * s_ge).to(tl.float32)
         for r in range(lo, hi):
             r64 = tl.cast(r, tl.int64)
-            x = tl.load(X + b * s_xb + r64 * s_xs + cols, mask=mask, other=0.0).to(tl.float32)
+            x_row = X + b * s_xb + r64 * s_xs
+            x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
+            x0 = tl.load(x_row).to(tl.float32)                      # the shift: element 0 of the row
             o_off = (b * S + r64) * D + cols  # XN and OUT are new contiguous (B, S, D) tensors
             if HAS_RESIDUAL:
-                y = tl.load(Y + b * s_yb + r64 * s_ys + cols, mask=mask, other=0.0).to(tl.float32)
+                y_row = Y + b * s_yb + r64 * s_ys
+                y = tl.load(y_row + cols, mask=mask, other=0.0).to(tl.float32)
                 xn = cast_rtne(x + gate * y, XN.dtype.element_ty)
                 tl.store(XN + o_off, xn, mask=mask)
                 x = xn.to(tl.float32)  # normalize the rounded residual stream, as the unfused model does
-            mean = tl.sum(x, axis=0) / D
-            xc = tl.where(mask, x - mean, 0.0)
+                # element 0 of x_new by the same arithmetic as lane 0 (so a constant x_new row shifts to exact 0)
+                x0 = cast_rtne(x0 + gate0 * tl.load(y_row).to(tl.float32), XN.dtype.element_ty).to(tl.float32)
+            xs = tl.where(mask, x - x0, 0.0)
+            xc = tl.where(mask, xs - tl.sum(xs, axis=0) / D, 0.0)
             rstd = tl.rsqrt(tl.sum(xc * xc, axis=0) / D + eps)
             out = (xc * rstd * w + bb) * scale1 + shift
             tl.store(OUT + o_off, cast_rtne(out, OUT.dtype.element_ty), mask=mask)
@@ -150,10 +166,11 @@ def _expert_adaln_bwd_kernel(
         for r in range(lo, hi):
             r64 = tl.cast(r, tl.int64)
             g_off = (b * S + r64) * D + cols
-            x = tl.load(X + b * s_xb + r64 * s_xs + cols, mask=mask, other=0.0).to(tl.float32)
+            x_row = X + b * s_xb + r64 * s_xs
+            x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
             dout = tl.load(DOUT + g_off, mask=mask, other=0.0).to(tl.float32)
-            mean = tl.sum(x, axis=0) / D
-            xc = tl.where(mask, x - mean, 0.0)
+            xs = tl.where(mask, x - tl.load(x_row).to(tl.float32), 0.0)   # shifted by element 0, as forward
+            xc = tl.where(mask, xs - tl.sum(xs, axis=0) / D, 0.0)
             rstd = tl.rsqrt(tl.sum(xc * xc, axis=0) / D + eps)
             xhat = xc * rstd
             acc_do += dout
@@ -204,9 +221,10 @@ def _mod_strides(p):
     return (p.stride(0), p.stride(1)) if p is not None else (0, 0)
 
 
-def expert_adaln_fwd(x, y, gate, shift, scale, text_len, weight, bias, eps):
+def expert_adaln_fwd(x, y, gate, shift, scale, text_len, weight, bias, eps, offset=0):
     """Launch the forward kernel. y, gate None: expert_adaln -> (None, out); else -> (x_new, out)."""
     B, S, D = x.shape
+    text_len = local_text_len(text_len, S, offset)   # the kernel's text_len: text rows of this shard
     x, y, gate, shift, scale, w, bi = map(last_dim_contiguous, (x, y, gate, shift, scale, weight, bias))
     res = y is not None
     cfg = launch_config(B, S, D, num_sms(x.device))
@@ -223,10 +241,11 @@ def expert_adaln_fwd(x, y, gate, shift, scale, text_len, weight, bias, eps):
     return x_new, out
 
 
-def expert_adaln_bwd(dout, dx_new, x, y, gate, scale, text_len, weight, bias, eps):
+def expert_adaln_bwd(dout, dx_new, x, y, gate, scale, text_len, weight, bias, eps, offset=0):
     """Launch the backward kernel; x is the LayerNorm input. -> dx, dy, dgate, dshift, dscale, dweight, dbias
     (None for the ones that do not exist)."""
     B, S, D = x.shape
+    text_len = local_text_len(text_len, S, offset)
     E = scale.shape[1]
     x, y, gate, scale, w, bi = map(last_dim_contiguous, (x, y, gate, scale, weight, bias))
     dout = dout.contiguous()  # incoming grads may be stride-0 expansions (.sum().backward())
@@ -255,26 +274,27 @@ def expert_adaln_bwd(dout, dx_new, x, y, gate, scale, text_len, weight, bias, ep
     return dx, dy, dgate, dshift, dscale, dweight, dbias
 
 
-def _expert_adaln_bwd_torch(dout, dx_new, x, y, gate, scale, text_len, weight, bias, eps):
+def _expert_adaln_bwd_torch(dout, dx_new, x, y, gate, scale, text_len, weight, bias, eps, offset=0):
     """Pure-torch backward (the CPU path), fp32, the same math as the kernel. Written out rather than autograd
     through the reference: custom-op impls run below the autograd dispatch key, so no graph would be recorded."""
     B, S, D = x.shape
     E = scale.shape[1]
     xf, dout = x.float(), dout.float()
-    xc = xf - xf.mean(-1, keepdim=True)
+    xs = xf - xf[..., :1]                                              # shifted by element 0, as the kernels
+    xc = xs - xs.mean(-1, keepdim=True)
     rstd = torch.rsqrt((xc * xc).mean(-1, keepdim=True) + eps)
     xhat = xc * rstd                                                   # (B, S, D)
     w = weight.float() if weight is not None else xhat.new_ones(D)
     normed = xhat * w + (bias.float() if bias is not None else 0.0)
-    dn = dout * (1 + expert_rows(scale.float(), text_len, S))         # d(normed)
+    dn = dout * (1 + expert_rows(scale.float(), text_len, S, offset))  # d(normed)
     dxhat = dn * w
     dx = rstd * (dxhat - dxhat.mean(-1, keepdim=True) - xhat * (dxhat * xhat).mean(-1, keepdim=True))
     if dx_new is not None:
         dx = dx + dx_new.float()
-    dy = (dx * expert_rows(gate.float(), text_len, S)).to(y.dtype) if y is not None else None
-    dgate = expert_sum(dx * y.float(), text_len, E).to(gate.dtype) if y is not None else None
-    dshift = expert_sum(dout, text_len, E).to(scale.dtype)
-    dscale = expert_sum(dout * normed, text_len, E).to(scale.dtype)
+    dy = (dx * expert_rows(gate.float(), text_len, S, offset)).to(y.dtype) if y is not None else None
+    dgate = expert_sum(dx * y.float(), text_len, E, offset).to(gate.dtype) if y is not None else None
+    dshift = expert_sum(dout, text_len, E, offset).to(scale.dtype)
+    dscale = expert_sum(dout * normed, text_len, E, offset).to(scale.dtype)
     dweight = (dn * xhat).sum((0, 1)).to(weight.dtype) if weight is not None else None
     dbias = dn.sum((0, 1)).to(bias.dtype) if bias is not None else None
     return dx.to(x.dtype), dy, dgate, dshift, dscale, dweight, dbias
@@ -282,19 +302,21 @@ def _expert_adaln_bwd_torch(dout, dx_new, x, y, gate, scale, text_len, weight, b
 
 @torch.library.custom_op("cogvideox::expert_adaln", mutates_args=())
 def _expert_adaln_op(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, text_len: int,
-                     weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
+                     weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
+                     offset: int = 0) -> torch.Tensor:
     if use_triton(x) and x.numel() > 0:
-        return expert_adaln_fwd(x, None, None, shift, scale, text_len, weight, bias, eps)[1]
-    return expert_adaln_ref(x, shift, scale, text_len, weight, bias, eps)
+        return expert_adaln_fwd(x, None, None, shift, scale, text_len, weight, bias, eps, offset)[1]
+    return expert_adaln_ref(x, shift, scale, text_len, weight, bias, eps, offset)
 
 
 @torch.library.custom_op("cogvideox::expert_adaln_residual", mutates_args=())
 def _expert_adaln_residual_op(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, shift: torch.Tensor,
                               scale: torch.Tensor, text_len: int, weight: torch.Tensor | None,
-                              bias: torch.Tensor | None, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+                              bias: torch.Tensor | None, eps: float,
+                              offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     if use_triton(x) and x.numel() > 0:
-        return expert_adaln_fwd(x, y, gate, shift, scale, text_len, weight, bias, eps)
-    return expert_adaln_residual_ref(x, y, gate, shift, scale, text_len, weight, bias, eps)
+        return expert_adaln_fwd(x, y, gate, shift, scale, text_len, weight, bias, eps, offset)
+    return expert_adaln_residual_ref(x, y, gate, shift, scale, text_len, weight, bias, eps, offset)
 
 
 _EMPTY_GRAD_SHAPE = (0,)  # custom ops cannot return None: absent gradients travel as empty tensors
@@ -304,9 +326,9 @@ _SEVEN_GRADS = tuple[(torch.Tensor,) * 7]  # dx, dy, dgate, dshift, dscale, dwei
 @torch.library.custom_op("cogvideox::expert_adaln_bwd", mutates_args=())
 def _expert_adaln_bwd_op(dout: torch.Tensor, dx_new: torch.Tensor | None, x: torch.Tensor, y: torch.Tensor | None,
                          gate: torch.Tensor | None, scale: torch.Tensor, text_len: int, weight: torch.Tensor | None,
-                         bias: torch.Tensor | None, eps: float) -> _SEVEN_GRADS:
+                         bias: torch.Tensor | None, eps: float, offset: int = 0) -> _SEVEN_GRADS:
     """-> dx, dy, dgate, dshift, dscale, dweight, dbias; x is the LayerNorm input (x_new for the residual op)."""
-    args = (dout, dx_new, x, y, gate, scale, text_len, weight, bias, eps)
+    args = (dout, dx_new, x, y, gate, scale, text_len, weight, bias, eps, offset)
     if use_triton(x) and x.numel() > 0:
         grads = expert_adaln_bwd(*args)
     else:
@@ -315,17 +337,17 @@ def _expert_adaln_bwd_op(dout: torch.Tensor, dx_new: torch.Tensor | None, x: tor
 
 
 @_expert_adaln_op.register_fake
-def _(x, shift, scale, text_len, weight, bias, eps):
+def _(x, shift, scale, text_len, weight, bias, eps, offset=0):
     return x.new_empty(x.shape)
 
 
 @_expert_adaln_residual_op.register_fake
-def _(x, y, gate, shift, scale, text_len, weight, bias, eps):
+def _(x, y, gate, shift, scale, text_len, weight, bias, eps, offset=0):
     return x.new_empty(x.shape), x.new_empty(x.shape)
 
 
 @_expert_adaln_bwd_op.register_fake
-def _(dout, dx_new, x, y, gate, scale, text_len, weight, bias, eps):
+def _(dout, dx_new, x, y, gate, scale, text_len, weight, bias, eps, offset=0):
     def like(t):
         return t.new_empty(t.shape) if t is not None else x.new_empty(_EMPTY_GRAD_SHAPE)
     return like(x), like(y), like(gate), like(scale), like(scale), like(weight), like(bias)
@@ -336,39 +358,49 @@ def _grads_out(t, g):
 
 
 def _setup_plain(ctx, inputs, output):
-    x, shift, scale, text_len, weight, bias, eps = inputs
+    x, shift, scale, text_len, weight, bias, eps, offset = inputs
     ctx.save_for_backward(x, scale, weight, bias)
-    ctx.text_len, ctx.eps = text_len, eps
+    ctx.text_len, ctx.eps, ctx.offset = text_len, eps, offset
 
 
 def _backward_plain(ctx, dout):
     x, scale, weight, bias = ctx.saved_tensors
     dx, _, _, dshift, dscale, dw, db = torch.ops.cogvideox.expert_adaln_bwd(
-        dout, None, x, None, None, scale, ctx.text_len, weight, bias, ctx.eps)
-    return dx, dshift, dscale, None, _grads_out(weight, dw), _grads_out(bias, db), None
+        dout, None, x, None, None, scale, ctx.text_len, weight, bias, ctx.eps, ctx.offset)
+    return dx, dshift, dscale, None, _grads_out(weight, dw), _grads_out(bias, db), None, None
 
 
 def _setup_residual(ctx, inputs, output):
-    x, y, gate, shift, scale, text_len, weight, bias, eps = inputs
+    x, y, gate, shift, scale, text_len, weight, bias, eps, offset = inputs
     ctx.save_for_backward(output[0], y, gate, scale, weight, bias)  # x_new: the residual stream lives on anyway
-    ctx.text_len, ctx.eps = text_len, eps
+    ctx.text_len, ctx.eps, ctx.offset = text_len, eps, offset
 
 
 def _backward_residual(ctx, dx_new, dout):
     x_new, y, gate, scale, weight, bias = ctx.saved_tensors  # autograd hands zeros for an unused output
     dx, dy, dgate, dshift, dscale, dw, db = torch.ops.cogvideox.expert_adaln_bwd(
-        dout, dx_new, x_new, y, gate, scale, ctx.text_len, weight, bias, ctx.eps)
-    return dx, dy, dgate, dshift, dscale, None, _grads_out(weight, dw), _grads_out(bias, db), None
+        dout, dx_new, x_new, y, gate, scale, ctx.text_len, weight, bias, ctx.eps, ctx.offset)
+    return dx, dy, dgate, dshift, dscale, None, _grads_out(weight, dw), _grads_out(bias, db), None, None
 
 
 _expert_adaln_op.register_autograd(_backward_plain, setup_context=_setup_plain)
 _expert_adaln_residual_op.register_autograd(_backward_residual, setup_context=_setup_residual)
 
 
-def _check(x, mods, text_len, weight, bias):
+# A row is one BLOCK_D = next_power_of_2(D) vector in registers (no loop over D): 65536 channels are 128 fp32 per
+# thread per vector at the 16-warp cap, far past what fits without spills (CogVideoX: D <= 3072), and Triton
+# refuses blocks over 2^20 elements with a raw compile error. Larger rows are refused up front, on every path.
+MAX_D = 65536
+
+
+def _check(x, mods, text_len, weight, bias, offset):
     check_tensor("x", x, ndim=3)
     B, S, D = x.shape
-    check_text_len(text_len, S)
+    if D > MAX_D:
+        raise ValueError(f"x has D = {D} channels, more than the kernels' limit of {MAX_D} (a row is held in "
+                         f"registers as one block); use expert_adaln_ref for such rows")
+    check_text_len(text_len, None)   # the global text length: a shard may lie wholly inside the text
+    check_offset(offset)
     E = None
     for name, p in mods.items():
         check_tensor(name, p, ndim=3)
@@ -381,18 +413,30 @@ def _check(x, mods, text_len, weight, bias):
     check_params(x, D, weight=weight, bias=bias)
 
 
-def expert_adaln(x, shift, scale, text_len, weight=None, bias=None, eps=1e-5):
-    """x: (B, S, D); shift, scale: (B, E, D), E in (1, 2); weight, bias: (D,) or None -> out (B, S, D)."""
-    _check(x, {"shift": shift, "scale": scale}, text_len, weight, bias)
-    return torch.ops.cogvideox.expert_adaln(x, shift, scale, text_len, weight, bias, float(eps))
+def expert_adaln(x, shift, scale, text_len, weight=None, bias=None, eps=1e-5, offset=0):
+    """x: (B, S, D); shift, scale: (B, E, D), E in (1, 2); weight, bias: (D,) or None -> out (B, S, D).
+
+    offset: the global index of x's first token when x is a context-parallel shard of the joint sequence;
+    text_len is the global text length (it may exceed offset + S: then every row of the shard is text).
+    """
+    _check(x, {"shift": shift, "scale": scale}, text_len, weight, bias, offset)
+    return torch.ops.cogvideox.expert_adaln(x, shift, scale, text_len, weight, bias, check_eps(eps), offset)
 
 
-def expert_adaln_residual(x, y, gate, shift, scale, text_len, weight=None, bias=None, eps=1e-5):
-    """x, y: (B, S, D); gate, shift, scale: (B, E, D) -> (x_new, out), both (B, S, D)."""
+def expert_adaln_residual(x, y, gate, shift, scale, text_len, weight=None, bias=None, eps=1e-5, offset=0):
+    """x, y: (B, S, D); gate, shift, scale: (B, E, D) -> (x_new, out), both (B, S, D). offset: as expert_adaln."""
     check_tensor("x", x, ndim=3)  # before y's checks, which compare against x
     check_tensor("y", y, ndim=3)
     check_like("y", y, "x", x)
     if y.shape != x.shape:
         raise ValueError(f"y must have the shape of x {tuple(x.shape)}, got {tuple(y.shape)}")
-    _check(x, {"gate": gate, "shift": shift, "scale": scale}, text_len, weight, bias)
-    return torch.ops.cogvideox.expert_adaln_residual(x, y, gate, shift, scale, text_len, weight, bias, float(eps))
+    _check(x, {"gate": gate, "shift": shift, "scale": scale}, text_len, weight, bias, offset)
+    return torch.ops.cogvideox.expert_adaln_residual(x, y, gate, shift, scale, text_len, weight, bias,
+                                                     check_eps(eps), offset)
+
+
+# kernels/__init__ binds `kernels.expert_adaln` to the function above, hiding this module from attribute access:
+# the host helpers the README documents as kernels.expert_adaln.<name> are reachable from the function too.
+expert_adaln.launch_config = launch_config
+expert_adaln.expert_rows = expert_rows
+expert_adaln.expert_sum = expert_sum

@@ -6,28 +6,39 @@ CausalConv3d):
     h   = h * zq_scale + zq_shift                          SpatialNorm3D: zq_scale = conv_y(zq), zq_shift = conv_b(zq)
     h   = silu(h)                                          (if silu)
     out, new_cache = causal_pad3d(h, kernel_t, cache, pad_hw, mode="first")
-fp32 inside, one rounding to x.dtype at the store. Fused: diffusers runs group_norm, two elementwise ops, silu, cat,
-pad and clone (~7 passes over the activation); here it is one read for the statistics and one read + one write.
+fp32 inside, one rounding to x.dtype at the store. Fused: diffusers runs group_norm, two elementwise ops, silu, cat
+and clone (~6 passes over the activation); here it is one read for the statistics and one read + one write.
 
-Kernel layout (forward, three launches):
-1. _gn_stats_kernel: one program per chunk of one (b, c, t) frame: CHUNK = ITERS x BLOCK elements (BLOCK <= 1024,
-   ITERS <= 8, 8 warps), so one video with 32 groups still fills a GPU: the VAE's (1, 128, 9, 480, 720) chunk runs
-   128 x 9 x 43 = 49,536 programs, (1, 512, 3, 60, 90) 1,536. Each lane runs Welford over its ITERS values and the
-   lanes are merged once with Chan's formula into the program's (count, mean, M2): no sum of squares of 10^7 - 10^8
-   values is ever formed (a group of the full-resolution VAE activation holds 4 x 49 x 480 x 720 = 6.8e7).
+Statistics are of d = x - shift, shift = the group's first element, kept as stats = (shift, mean(d)) and applied as
+(x - shift) - mean(d): exact for a constant group (out = bias; a mean rounded to fp32 left 0.70 at 12345.678, and
+torch 2.13's CPU F.group_norm gives -0.83 there, fp32, 1x4x2x3x8, 2 groups), no cancellation far from zero. The
+pure-torch path computes the same way.
+
+Kernel layout (forward, three launches; the sm_90 builds at the VAE's launch arguments are in kernels._static):
+1. _gn_stats_kernel: one program per chunk of one (b, c, t) frame: CHUNK = ITERS x BLOCK elements (BLOCK <= 2048,
+   8 warps: one 16-byte bf16 vector a thread; ITERS <= 8), so one video with 32 groups still fills a GPU: the
+   VAE's (1, 128, 9, 480, 720) chunk runs 128 x 9 x 22 = 25,344 programs, (1, 512, 3, 60, 90) 1,536. Per lane
+   sums of d and d^2 (two FMAs an element), per program (count, mean, M2 = sum d^2 - mean sum d). Contiguous
+   frames are walked flat (no division per element) with sizes and strides divided by VEC (see causal_pad3d).
 2. _gn_combine_kernel: one program per (b, group) merges its Cg x T x n_chunks partials in a fixed order (total
    count and mean first, then M2 = sum(M2_i + n_i (mean_i - mean)^2)): deterministic, fp32, numerically safe.
-3. _gn_apply_kernel: the causal_pad3d forward tiling (8 x 256 output tiles of one (b, c, t_out) frame, 8 warps):
-   normalize, affine, modulate, SiLU, zero the spatial border, store out and, for the last kernel_t - 1 frames,
+3. Without a spatial pad (how cogvideox.vae calls it) and with contiguous frames, _gn_apply_flat_kernel: the
+   causal_pad3d flat tiling (2048 elements of one output frame a program, 128-bit loads and stores); else
+   _gn_apply_kernel on causal_pad3d's 2-D tiles (8 x 256 output tiles, scalar accesses at padded row pitches).
+   Normalize, affine, modulate, SiLU, (zero the spatial border), store out and, for the last kernel_t - 1 frames,
    new_cache. Front frames are the cache (copied as is) or the normalized frame 0.
+x is read twice (statistics, normalize): a group (25 MB at 480 x 720) must be complete before any output, and no
+group stays on chip, so that is the minimum (bench/flops.py counts it).
 Backward (deterministic, no atomics): dy is gathered from the output grad (its own padded position, the front
 frames for frame 0 without a cache, new_cache's grad), never scattered.
-1. _gn_bwd_kernel, DX=0 (stats tiling): recompute h, write dzq_scale = dm * a and dzq_shift = dm, and per program
-   the partial sums of da and da * xhat (a = affine output, m = modulated, da = dL/da).
+1. _gn_bwd_kernel, DX=0 (stats tiling, BLOCK 1024 at 4 warps: 8 elements a thread): recompute h, write
+   dzq_scale = dm * a and dzq_shift = dm, and per program the partial sums of da and da * xhat (a = affine
+   output, m = modulated, da = dL/da).
 2. torch sums over the partials axis (fixed order): dweight, dbias, and the per-group means of dxhat and
    dxhat * xhat that the GroupNorm backward needs.
 3. _gn_bwd_kernel, DX=1 (stats tiling, recomputing h rather than storing da): dx = rstd (da w - mean(dxhat) -
-   xhat mean(dxhat xhat)).
+   xhat mean(dxhat xhat)). Two passes over dout, x and zq are the minimum: the group means must be complete before
+   any dx, and keeping da between the passes would cost an fp32 write and read of x's size.
 dcache is the causal_pad3d backward restricted to the cache frames.
 Offsets: frame base offsets are int64 (2.17e9-element activations); offsets inside one frame are int32.
 """
@@ -44,27 +55,39 @@ from ._dispatch import check_grid, check_like, check_params, check_shape, check_
     use_triton
 from ._triton_common import cast_rtne
 from .causal_pad3d import _check as _check_pad
-from .causal_pad3d import _check_frame_span, _frames, _grid, _pad_tile, _store_padded, _tile, causal_pad3d_bwd, \
-    causal_pad3d_bwd_ref, causal_pad3d_ref
+from .causal_pad3d import _check_frame_span, _flat_chunk, _frames, _grid, _pad_tile, _store_padded, _tile, \
+    causal_pad3d_bwd, causal_pad3d_bwd_ref, causal_pad3d_ref, flat_frames, flat_launch, vec_width
 
 COMBINE_BLOCK = 1024   # partials merged per step by _gn_combine_kernel (one program per (b, group))
 
 
 def group_norm_silu_pad_ref(x, num_groups, weight=None, bias=None, eps=1e-6, kernel_t=3, cache=None,
                             pad_hw=(1, 1), zq_scale=None, zq_shift=None, silu=True):
-    h = F.group_norm(x.float(), num_groups, None if weight is None else weight.float(),
-                     None if bias is None else bias.float(), eps)
+    # GroupNorm from the shifted statistics, not F.group_norm: torch's CPU kernel normalizes a constant group of
+    # 12345.678 to -0.83 instead of 0
+    B, C = x.shape[:2]
+    xf = x if x.dtype == torch.float64 else x.float()
+    stats, rstd = _group_stats_ref(xf, num_groups, eps)
+    h = ((xf.reshape(B, num_groups, -1) - stats[..., :1]) - stats[..., 1:]) * rstd[..., None]
+    h = h.reshape(x.shape)
+    if weight is not None:
+        h = h * weight.to(xf.dtype).reshape(1, C, 1, 1, 1)
+    if bias is not None:
+        h = h + bias.to(xf.dtype).reshape(1, C, 1, 1, 1)
     if zq_scale is not None:
-        h = h * zq_scale.float() + zq_shift.float()
+        h = h * zq_scale.to(xf.dtype) + zq_shift.to(xf.dtype)
     if silu:
         h = F.silu(h)
     return causal_pad3d_ref(h.to(x.dtype), kernel_t, cache, pad_hw, "first")
 
 
 def _group_stats_ref(x, num_groups, eps):
-    """mean, rstd: (B, G) fp32."""
-    var, mean = torch.var_mean(x.float().reshape(x.shape[0], num_groups, -1), dim=-1, unbiased=False)
-    return mean, torch.rsqrt(var + eps)
+    """stats (B, G, 2) = (shift, mean - shift) with shift = the group's first element, rstd (B, G); fp32 (fp64 for
+    fp64 x). The statistics of x - shift: exact for a constant group, no cancellation for data far from zero."""
+    xg = (x if x.dtype == torch.float64 else x.float()).reshape(x.shape[0], num_groups, -1)
+    shift = xg[..., 0]
+    var, mean = torch.var_mean(xg - shift[..., None], dim=-1, unbiased=False)
+    return torch.stack([shift, mean], dim=-1), torch.rsqrt(var + eps)
 
 
 def group_norm_silu_pad_bwd_ref(dout, dnc, x, weight, bias, zq_scale, zq_shift, mean, rstd, num_groups, kernel_t,
@@ -77,7 +100,8 @@ def group_norm_silu_pad_bwd_ref(dout, dnc, x, weight, bias, zq_scale, zq_shift, 
                                       "first", has_cache)         # dy: (B, C, T, H, W) fp32, dL/dh
     dcache = dcache.to(x.dtype)
     per_group = (B, G, 1, 1, 1, 1)
-    xhat = ((x.float().reshape(B, G, C // G, T, H, W) - mean.reshape(per_group)) * rstd.reshape(per_group))
+    shift, mean_d = mean[..., 0].reshape(per_group), mean[..., 1].reshape(per_group)   # mean: stats (B, G, 2)
+    xhat = ((x.float().reshape(B, G, C // G, T, H, W) - shift) - mean_d) * rstd.reshape(per_group)
     xhat = xhat.reshape(B, C, T, H, W)
     w = weight.float().reshape(1, C, 1, 1, 1) if weight is not None else None
     a = xhat * w if w is not None else xhat
@@ -110,33 +134,45 @@ def _frame_chunk(n_chunks, C, T):
 
 
 @triton.jit
-def _gn_stats_kernel(x_ptr, part_ptr, C, T, W, HW, n_chunks, sxb, sxc, sxt, sxh,
-                     BLOCK: tl.constexpr, ITERS: tl.constexpr):
-    pid, chunk, bct, b, c, t = _frame_chunk(n_chunks, C, T)
-    x_frame = x_ptr + b * sxb + c * sxc + t * sxt
-    # Welford per lane (each lane sees ITERS values), then one Chan merge of the BLOCK lanes: no sum of squares is
-    # ever formed, and the block-wide reductions run once per program instead of once per iteration
-    n = tl.zeros([BLOCK], dtype=tl.float32)
-    mean = tl.zeros([BLOCK], dtype=tl.float32)
-    m2 = tl.zeros([BLOCK], dtype=tl.float32)
-    for i in range(ITERS):
-        idx = (chunk * ITERS * BLOCK + i * BLOCK).to(tl.int32) + tl.arange(0, BLOCK)
-        mask = idx < HW
-        v = tl.load(x_frame + (idx // W) * sxh + idx % W, mask=mask, other=0.0).to(tl.float32)
-        n += mask.to(tl.float32)
-        delta = tl.where(mask, v - mean, 0.0)
-        mean += delta / tl.maximum(n, 1.0)
-        m2 += delta * (v - mean)
-    n_all = tl.sum(n)
-    mean_all = tl.sum(n * mean) / tl.maximum(n_all, 1.0)
-    d = mean - mean_all
-    tl.store(part_ptr + pid * 3, n_all)
-    tl.store(part_ptr + pid * 3 + 1, mean_all)
-    tl.store(part_ptr + pid * 3 + 2, tl.sum(m2 + n * d * d))
+def _frame_offsets(idx, W, sxh, FLAT: tl.constexpr):
+    """Offsets inside one (H, W) frame of the elements idx (row-major): idx itself when the frame is contiguous
+    (no per-element division), else row * row stride + column."""
+    if FLAT:
+        return idx
+    return (idx // W) * sxh + idx % W
 
 
 @triton.jit
-def _gn_combine_kernel(part_ptr, mean_ptr, rstd_ptr, P, eps, BLOCK_P: tl.constexpr):
+def _gn_stats_kernel(x_ptr, part_ptr, C, Cg, T, W, HWV, n_chunks, sxb, sxc, sxt, sxh,
+                     FLAT: tl.constexpr, VEC: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr):
+    # Sizes and strides arrive divided by VEC and are multiplied back by the constexpr (see causal_pad3d's
+    # _flat_chunk): with them the compiler knows every access is VEC-aligned, so loads are 16-byte vectors.
+    pid, chunk, bct, b, c, t = _frame_chunk(n_chunks, C, T)
+    HW = HWV * VEC
+    # Sums of d = x - shift, shift = the group's first element: exact for a constant group (d = 0, so the mean is
+    # shift and the variance 0, as torch gives), and no cancellation for data far from zero (d is exact when x is
+    # near shift, Sterbenz). Per program: count, mean of d, M2 = sum d^2 - (sum d) mean; merged by Chan's formula.
+    shift = tl.load(x_ptr + (b * sxb + (c // Cg) * Cg * sxc) * VEC).to(tl.float32)
+    x_frame = x_ptr + (b * sxb + c * sxc + t * sxt) * VEC
+    s1 = tl.zeros([BLOCK], dtype=tl.float32)
+    s2 = tl.zeros([BLOCK], dtype=tl.float32)
+    for i in range(ITERS):
+        idx = (chunk * ITERS * BLOCK + i * BLOCK).to(tl.int32) + tl.arange(0, BLOCK)
+        mask = idx < HW
+        v = tl.load(x_frame + _frame_offsets(idx, W, sxh * VEC, FLAT), mask=mask, other=0.0).to(tl.float32)
+        d = tl.where(mask, v - shift, 0.0)
+        s1 += d
+        s2 += d * d
+    n = tl.minimum(HW - chunk * ITERS * BLOCK, ITERS * BLOCK).to(tl.float32)
+    sum1 = tl.sum(s1)
+    mean = sum1 / n
+    tl.store(part_ptr + pid * 3, n)
+    tl.store(part_ptr + pid * 3 + 1, mean)
+    tl.store(part_ptr + pid * 3 + 2, tl.maximum(tl.sum(s2) - sum1 * mean, 0.0))
+
+
+@triton.jit
+def _gn_combine_kernel(part_ptr, x_ptr, stats_ptr, rstd_ptr, P, G, Cg, sxb, sxc, eps, BLOCK_P: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)                    # b * G + g; its P partials are contiguous
     parts = part_ptr + pid * P * 3
     acc_n = tl.zeros([BLOCK_P], dtype=tl.float32)
@@ -155,8 +191,33 @@ def _gn_combine_kernel(part_ptr, mean_ptr, rstd_ptr, P, eps, BLOCK_P: tl.constex
         d = tl.load(parts + i * 3 + 1, mask=i < P, other=0.0) - mean
         acc += tl.load(parts + i * 3 + 2, mask=i < P, other=0.0) + cnt * d * d
     var = tl.sum(acc) / n
-    tl.store(mean_ptr + pid, mean)
+    # stats = (shift, mean - shift): the kernels normalize (x - shift) - mean_d, which never rounds the mean to
+    # x's magnitude (for x ~ 12345 that rounding alone would cost 0.5 ulp = 5e-4 before the rstd multiply)
+    shift = tl.load(x_ptr + (pid // G) * sxb + (pid % G) * Cg * sxc).to(tl.float32)
+    tl.store(stats_ptr + pid * 2, shift)
+    tl.store(stats_ptr + pid * 2 + 1, mean)
     tl.store(rstd_ptr + pid, 1.0 / tl.sqrt((var + eps).to(tl.float32)))   # eps may arrive as fp64
+
+
+@triton.jit
+def _normalize(v, stats_ptr, rstd_ptr, grp):
+    """xhat of x values v (fp32) of group grp."""
+    return ((v - tl.load(stats_ptr + grp * 2)) - tl.load(stats_ptr + grp * 2 + 1)) * tl.load(rstd_ptr + grp)
+
+
+@triton.jit
+def _gn_activation(y, w_ptr, b_ptr, zs, zb, c, HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_ZQ: tl.constexpr,
+                   SILU: tl.constexpr):
+    """xhat -> silu((xhat w + b) zq_scale + zq_shift), fp32."""
+    if HAS_W:
+        y = y * tl.load(w_ptr + c).to(tl.float32)
+    if HAS_B:
+        y = y + tl.load(b_ptr + c).to(tl.float32)
+    if HAS_ZQ:
+        y = y * zs.to(tl.float32) + zb.to(tl.float32)
+    if SILU:
+        y = y / (1.0 + tl.exp(-y))
+    return y
 
 
 @triton.jit
@@ -178,18 +239,13 @@ def _gn_apply_kernel(x_ptr, cache_ptr, zs_ptr, zb_ptr, w_ptr, b_ptr, mean_ptr, r
     t_src = tl.maximum(tp - KT, 0)
     x_mask = tl.where(from_x, valid, False)
     v = tl.load(x_ptr + b * sxb + c * sxc + t_src * sxt + h_in * sxh + w_in, mask=x_mask, other=0.0)
-    grp = b * G + c // (C // G)
-    y = (v.to(tl.float32) - tl.load(mean_ptr + grp)) * tl.load(rstd_ptr + grp)
-    if HAS_W:
-        y = y * tl.load(w_ptr + c).to(tl.float32)
-    if HAS_B:
-        y = y + tl.load(b_ptr + c).to(tl.float32)
+    zs = 0.0
+    zb = 0.0
     if HAS_ZQ:
         zs = tl.load(zs_ptr + b * ssb + c * ssc + t_src * sst + h_in * ssh + w_in, mask=x_mask, other=0.0)
         zb = tl.load(zb_ptr + b * szb + c * szc + t_src * szt + h_in * szh + w_in, mask=x_mask, other=0.0)
-        y = y * zs.to(tl.float32) + zb.to(tl.float32)
-    if SILU:
-        y = y / (1.0 + tl.exp(-y))
+    y = _normalize(v.to(tl.float32), mean_ptr, rstd_ptr, b * G + c // (C // G))
+    y = _gn_activation(y, w_ptr, b_ptr, zs, zb, c, HAS_W, HAS_B, HAS_ZQ, SILU)
     val = cast_rtne(tl.where(valid, y, 0.0), out_ptr.dtype.element_ty)          # the spatial border is zeros
     if HAS_CACHE:
         c_ptrs = cache_ptr + b * scb + c * scc + tl.minimum(tp, KT - 1) * sct + h_in * sch + w_in
@@ -199,21 +255,57 @@ def _gn_apply_kernel(x_ptr, cache_ptr, zs_ptr, zb_ptr, w_ptr, b_ptr, mean_ptr, r
 
 
 @triton.jit
-def _gather_dy(dout_ptr, dnc_ptr, bc, t, hh, ww, mask, T, H, W, KT, PH, PW, Tp, Ho, Wo,
+def _gn_apply_flat_kernel(x_ptr, cache_ptr, zs_ptr, zb_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, out_ptr, nc_ptr,
+                          C, G, KT, Tp, n_chunks, HWV, sxb, sxc, sxt, scb, scc, sct, ssb, ssc, sst, szb, szc, szt,
+                          HAS_CACHE: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_ZQ: tl.constexpr,
+                          SILU: tl.constexpr, VEC: tl.constexpr, BLOCK: tl.constexpr):
+    """No spatial padding and contiguous frames: one program per BLOCK elements of one output frame, every access
+    a VEC-wide vector (strides arrive divided by VEC, see causal_pad3d's _flat_chunk)."""
+    plane, idx, mask, HW = _flat_chunk(n_chunks, HWV, VEC, BLOCK)   # plane = bc * Tp + tp
+    tp = plane % Tp
+    bc = plane // Tp
+    b = bc // C
+    c = bc % C
+    front = tp < KT
+    if HAS_CACHE:
+        from_x = tp >= KT
+    else:
+        from_x = tp >= 0                                   # front frames are the normalized frame 0
+    t_src = tl.maximum(tp - KT, 0)
+    x_mask = tl.where(from_x, mask, False)
+    v = tl.load(x_ptr + (b * sxb + c * sxc + t_src * sxt) * VEC + idx, mask=x_mask, other=0.0)
+    zs = 0.0
+    zb = 0.0
+    if HAS_ZQ:
+        zs = tl.load(zs_ptr + (b * ssb + c * ssc + t_src * sst) * VEC + idx, mask=x_mask, other=0.0)
+        zb = tl.load(zb_ptr + (b * szb + c * szc + t_src * szt) * VEC + idx, mask=x_mask, other=0.0)
+    y = _normalize(v.to(tl.float32), mean_ptr, rstd_ptr, b * G + c // (C // G))
+    val = cast_rtne(_gn_activation(y, w_ptr, b_ptr, zs, zb, c, HAS_W, HAS_B, HAS_ZQ, SILU),
+                    out_ptr.dtype.element_ty)
+    if HAS_CACHE:
+        c_ptrs = cache_ptr + (b * scb + c * scc + tl.minimum(tp, KT - 1) * sct) * VEC + idx
+        val = tl.where(front, tl.load(c_ptrs, mask=tl.where(front, mask, False), other=0.0), val)
+    tl.store(out_ptr + plane * HW + idx, val, mask=mask)
+    nc_frame = tp - (Tp - KT)
+    tl.store(nc_ptr + (bc * KT + nc_frame) * HW + idx, val, mask=tl.where(nc_frame >= 0, mask, False))
+
+
+@triton.jit
+def _gather_dy(dout_ptr, dnc_ptr, bc, t, pos, ipos, mask, T, HW, KT, Tp, HWo,
                HAS_CACHE: tl.constexpr, HAS_DNC: tl.constexpr):
-    """dL/dh for frame t of the chunk (fp32): the sum over every output element that was copied from it."""
-    pos = (hh + PH) * Wo + ww + PW
-    dy = tl.load(dout_ptr + (bc * Tp + t + KT) * Ho * Wo + pos, mask=mask, other=0.0).to(tl.float32)
+    """dL/dh for frame t of the chunk (fp32): the sum over every output element that was copied from it. pos: the
+    elements' offsets in a padded output frame (HWo elements), ipos: in an unpadded frame (HW elements)."""
+    dy = tl.load(dout_ptr + (bc * Tp + t + KT) * HWo + pos, mask=mask, other=0.0).to(tl.float32)
     if HAS_DNC:
         f = t + KT - T                                     # its padded frame is among new_cache's frames
-        dy += tl.load(dnc_ptr + (bc * KT + f) * H * W + hh * W + ww, mask=tl.where(f >= 0, mask, False),
+        dy += tl.load(dnc_ptr + (bc * KT + f) * HW + ipos, mask=tl.where(f >= 0, mask, False),
                       other=0.0).to(tl.float32)
     if not HAS_CACHE:                                      # frame 0 was also copied into the KT front frames
         n_front = tl.where(t == 0, KT, 0)
         for j in range(0, n_front):
-            dy += tl.load(dout_ptr + (bc * Tp + j) * Ho * Wo + pos, mask=mask, other=0.0).to(tl.float32)
+            dy += tl.load(dout_ptr + (bc * Tp + j) * HWo + pos, mask=mask, other=0.0).to(tl.float32)
             if HAS_DNC:
-                dy += tl.load(dnc_ptr + (bc * KT + j - T) * H * W + hh * W + ww,
+                dy += tl.load(dnc_ptr + (bc * KT + j - T) * HW + ipos,
                               mask=tl.where(j >= T, mask, False), other=0.0).to(tl.float32)
     return dy
 
@@ -221,17 +313,20 @@ def _gather_dy(dout_ptr, dnc_ptr, bc, t, hh, ww, mask, T, H, W, KT, PH, PW, Tp, 
 @triton.jit
 def _gn_bwd_kernel(dout_ptr, dnc_ptr, x_ptr, zs_ptr, zb_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr,
                    dzs_ptr, dzb_ptr, part_ptr, c1_ptr, c2_ptr, dx_ptr,
-                   C, G, T, H, W, HW, KT, PH, PW, Tp, Ho, Wo, n_chunks,
+                   C, G, T, W, HWV, KT, PH, PW, Tp, Wo, HWoV, n_chunks,
                    sxb, sxc, sxt, sxh, ssb, ssc, sst, ssh, szb, szc, szt, szh,
                    DX: tl.constexpr, HAS_CACHE: tl.constexpr, HAS_DNC: tl.constexpr, HAS_W: tl.constexpr,
-                   HAS_B: tl.constexpr, HAS_ZQ: tl.constexpr, SILU: tl.constexpr,
-                   BLOCK: tl.constexpr, ITERS: tl.constexpr):
+                   HAS_B: tl.constexpr, HAS_ZQ: tl.constexpr, SILU: tl.constexpr, FLAT: tl.constexpr,
+                   VEC: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr):
     """DX = 0: store dzq_scale, dzq_shift and this program's partial sums of da and da * xhat.
-    DX = 1: store dx, given c1, c2 = the group means of dxhat and dxhat * xhat."""
+    DX = 1: store dx, given c1, c2 = the group means of dxhat and dxhat * xhat.
+    FLAT (no spatial padding, contiguous frames): every offset is the element index, sizes and strides arrive
+    divided by VEC; else rows and columns are recovered per element."""
     pid, chunk, bct, b, c, t = _frame_chunk(n_chunks, C, T)
     bc = bct // T
+    HW = HWV * VEC
+    HWo = HWoV * VEC
     grp = b * G + c // (C // G)
-    mean = tl.load(mean_ptr + grp)
     rstd = tl.load(rstd_ptr + grp)
     w_c = tl.load(w_ptr + c).to(tl.float32) if HAS_W else 1.0
     b_c = tl.load(b_ptr + c).to(tl.float32) if HAS_B else 0.0
@@ -240,16 +335,20 @@ def _gn_bwd_kernel(dout_ptr, dnc_ptr, x_ptr, zs_ptr, zb_ptr, w_ptr, b_ptr, mean_
     for i in range(ITERS):
         idx = (chunk * ITERS * BLOCK + i * BLOCK).to(tl.int32) + tl.arange(0, BLOCK)
         mask = idx < HW
-        hh = idx // W
-        ww = idx % W
-        dm = _gather_dy(dout_ptr, dnc_ptr, bc, t, hh, ww, mask, T, H, W, KT, PH, PW, Tp, Ho, Wo, HAS_CACHE, HAS_DNC)
-        v = tl.load(x_ptr + b * sxb + c * sxc + t * sxt + hh * sxh + ww, mask=mask, other=0.0).to(tl.float32)
-        xhat = (v - mean) * rstd
+        if FLAT:
+            pos = idx
+        else:
+            pos = (idx // W + PH) * Wo + idx % W + PW
+        dm = _gather_dy(dout_ptr, dnc_ptr, bc, t, pos, idx, mask, T, HW, KT, Tp, HWo, HAS_CACHE, HAS_DNC)
+        v = tl.load(x_ptr + (b * sxb + c * sxc + t * sxt) * VEC + _frame_offsets(idx, W, sxh * VEC, FLAT),
+                    mask=mask, other=0.0).to(tl.float32)
+        xhat = _normalize(v, mean_ptr, rstd_ptr, grp)
         a = xhat * w_c + b_c                               # affine output
         if HAS_ZQ:
-            zs = tl.load(zs_ptr + b * ssb + c * ssc + t * sst + hh * ssh + ww, mask=mask, other=0.0).to(tl.float32)
-            m = a * zs + tl.load(zb_ptr + b * szb + c * szc + t * szt + hh * szh + ww, mask=mask,
-                                 other=0.0).to(tl.float32)
+            zs = tl.load(zs_ptr + (b * ssb + c * ssc + t * sst) * VEC + _frame_offsets(idx, W, ssh * VEC, FLAT),
+                         mask=mask, other=0.0).to(tl.float32)
+            m = a * zs + tl.load(zb_ptr + (b * szb + c * szc + t * szt) * VEC
+                                 + _frame_offsets(idx, W, szh * VEC, FLAT), mask=mask, other=0.0).to(tl.float32)
         else:
             m = a                                          # modulated
         if SILU:
@@ -270,20 +369,29 @@ def _gn_bwd_kernel(dout_ptr, dnc_ptr, x_ptr, zs_ptr, zb_ptr, w_ptr, b_ptr, mean_
         tl.store(part_ptr + pid * 2 + 1, tl.sum(acc_dax))
 
 
-def _chunking(hw: int):
-    """(BLOCK, ITERS, n_chunks, num_warps) for the kernels that walk (b, c, t) frames: up to 8 x 1024 elements a
-    program; 8 warps at BLOCK 1024 (4 values a thread) keep the backward kernels at 64-113 registers on sm_90."""
-    block = min(1024, triton.next_power_of_2(max(hw, 1)))
+STATS_BLOCK, STATS_WARPS = 2048, 8   # 8 elements (one 16-byte bf16 vector) a thread; 39 registers on sm_90
+BWD_BLOCK, BWD_WARPS = 1024, 4       # 8 a thread too; four inputs and the fp32 terms in flight stay spill-free
+
+
+def _chunking(hw: int, block_max: int = STATS_BLOCK, warps: int = STATS_WARPS):
+    """(BLOCK, ITERS, n_chunks, num_warps) for the kernels that walk (b, c, t) frames: up to 8 x BLOCK elements
+    a program."""
+    block = min(block_max, triton.next_power_of_2(max(hw, 1)))
     iters = min(8, triton.cdiv(hw, block))
-    return block, iters, triton.cdiv(hw, block * iters), 8 if block >= 1024 else 4
+    return block, iters, triton.cdiv(hw, block * iters), warps if block == block_max else 4
 
 
 def _strides4(t):
     return t.stride(0), t.stride(1), t.stride(2), t.stride(3)
 
 
+def _div(strides, vec):
+    return tuple(s // vec for s in strides)
+
+
 def group_norm_silu_pad_fwd(x, num_groups, weight, bias, eps, kernel_t, cache, pad_h, pad_w, zq_scale, zq_shift,
                             silu):
+    """-> out, new_cache, stats (B, G, 2) fp32 = (shift, mean - shift), rstd (B, G) fp32."""
     x, cache, zq_scale, zq_shift = _frames(x=x, cache=cache, zq_scale=zq_scale, zq_shift=zq_shift)
     weight, bias = last_dim_contiguous(weight), last_dim_contiguous(bias)   # (C,): indexed by channel
     B, C, T, H, W = x.shape
@@ -291,34 +399,46 @@ def group_norm_silu_pad_fwd(x, num_groups, weight, bias, eps, kernel_t, cache, p
     Tp, Ho, Wo = T + kt, H + 2 * pad_h, W + 2 * pad_w
     out = x.new_empty(B, C, Tp, Ho, Wo)
     new_cache = x.new_empty(B, C, kt, H, W)
-    mean = x.new_empty(B, G, dtype=torch.float32)
+    stats = x.new_empty(B, G, 2, dtype=torch.float32)
     rstd = x.new_empty(B, G, dtype=torch.float32)
     if x.numel() == 0:
-        return out, new_cache, mean, rstd
+        return out, new_cache, stats, rstd
+    c, zs, zb = (cache if cache is not None else x), (zq_scale if zq_scale is not None else x), \
+        (zq_shift if zq_shift is not None else x)
+    item = x.element_size()
+    flat_x = flat_frames(x)
+    vec = vec_width(item, H * W, *_strides4(x)[:3]) if flat_x else 1
     block, iters, n_chunks, warps = _chunking(H * W)
     n_prog = check_grid((B * C * T * n_chunks,))[0]
     parts = x.new_empty(n_prog, 3, dtype=torch.float32)
-    _gn_stats_kernel[(n_prog,)](x, parts, C, T, W, H * W, n_chunks, *_strides4(x),
-                                BLOCK=block, ITERS=iters, num_warps=warps)
-    _gn_combine_kernel[(B * G,)](parts, mean, rstd, n_prog // (B * G), eps, BLOCK_P=COMBINE_BLOCK, num_warps=4)
+    _gn_stats_kernel[(n_prog,)](x, parts, C, C // G, T, W, H * W // vec, n_chunks, *_div(_strides4(x), vec),
+                                FLAT=int(flat_x), VEC=vec, BLOCK=block, ITERS=iters, num_warps=warps)
+    _gn_combine_kernel[(B * G,)](parts, x, stats, rstd, n_prog // (B * G), G, C // G, x.stride(0), x.stride(1), eps,
+                                 BLOCK_P=COMBINE_BLOCK, num_warps=4)
+    flags = dict(HAS_CACHE=int(cache is not None), HAS_W=int(weight is not None), HAS_B=int(bias is not None),
+                 HAS_ZQ=int(zq_scale is not None), SILU=int(silu))
+    params = (x, c, zs, zb, x if weight is None else weight, x if bias is None else bias, stats, rstd, out, new_cache)
+    if pad_h == pad_w == 0 and flat_frames(x, c, zs, zb):
+        vec = vec_width(item, H * W, *(s for t in (x, c, zs, zb) for s in _strides4(t)[:3]))
+        block, warps, n_chunks, grid = flat_launch(B * C * Tp, H * W)
+        _gn_apply_flat_kernel[grid](*params, C, G, kt, Tp, n_chunks, H * W // vec,
+                                    *(s // vec for t in (x, c, zs, zb) for s in _strides4(t)[:3]),
+                                    **flags, VEC=vec, BLOCK=block, num_warps=warps)
+        return out, new_cache, stats, rstd
     block_h, block_w, warps = _tile(Ho, Wo)
     n_hb, grid = _grid(B * C * Tp, Ho, Wo, block_h, block_w)
-    c, zs, zb = (cache if cache is not None else x), (zq_scale if zq_scale is not None else x), \
-        (zq_shift if zq_shift is not None else x)
     _gn_apply_kernel[grid](
-        x, c, zs, zb, x if weight is None else weight, x if bias is None else bias, mean, rstd, out, new_cache,
-        C, G, T, H, W, kt, pad_h, pad_w, Tp, Ho, Wo, n_hb, *_strides4(x), *_strides4(c), *_strides4(zs),
-        *_strides4(zb), HAS_CACHE=int(cache is not None), HAS_W=int(weight is not None),
-        HAS_B=int(bias is not None), HAS_ZQ=int(zq_scale is not None), SILU=int(silu),
-        BLOCK_H=block_h, BLOCK_W=block_w, num_warps=warps)
-    return out, new_cache, mean, rstd
+        *params, C, G, T, H, W, kt, pad_h, pad_w, Tp, Ho, Wo, n_hb, *_strides4(x), *_strides4(c), *_strides4(zs),
+        *_strides4(zb), **flags, BLOCK_H=block_h, BLOCK_W=block_w, num_warps=warps)
+    return out, new_cache, stats, rstd
 
 
 def group_norm_silu_pad_bwd(dout, dnc, x, weight, bias, zq_scale, zq_shift, mean, rstd, num_groups, kernel_t,
                             has_cache, pad_h, pad_w, silu):
+    """mean: the forward's stats (B, G, 2) = (shift, mean - shift)."""
     x, zq_scale, zq_shift = _frames(x=x, zq_scale=zq_scale, zq_shift=zq_shift)
     weight, bias = last_dim_contiguous(weight), last_dim_contiguous(bias)
-    mean, rstd = mean.contiguous(), rstd.contiguous()    # (B, G), indexed by group
+    mean, rstd = mean.contiguous(), rstd.contiguous()    # (B, G, 2), (B, G), indexed by group
     dout = dout.contiguous()
     dnc = None if dnc is None or dnc.numel() == 0 else dnc.contiguous()
     _check_frame_span("grad", dout)
@@ -332,19 +452,21 @@ def group_norm_silu_pad_bwd(dout, dnc, x, weight, bias, zq_scale, zq_shift, mean
     dx = torch.empty_like(x, memory_format=torch.contiguous_format)
     dcache = causal_pad3d_bwd(dout, dnc, T, kernel_t, pad_h, pad_w, "first", True, need_dx=False)[1] \
         if has_cache else empty(0)
-    block, iters, n_chunks, warps = _chunking(H * W)
-    n_prog = check_grid((B * C * T * n_chunks,))[0]
-    parts = x.new_empty(B, C, T * n_chunks, 2, dtype=torch.float32)
     zs = zq_scale if has_zq else x
     zb = zq_shift if has_zq else x
+    flat = pad_h == pad_w == 0 and flat_frames(x, zs, zb)
+    vec = vec_width(x.element_size(), H * W, *(s for t in (x, zs, zb) for s in _strides4(t)[:3])) if flat else 1
+    block, iters, n_chunks, warps = _chunking(H * W, BWD_BLOCK, BWD_WARPS)
+    n_prog = check_grid((B * C * T * n_chunks,))[0]
+    parts = x.new_empty(B, C, T * n_chunks, 2, dtype=torch.float32)
     args = (dout, dout if dnc is None else dnc, x, zs, zb, x if weight is None else weight,
             x if bias is None else bias, mean, rstd)
-    shape_args = (C, G, T, H, W, H * W, kt, pad_h, pad_w, Tp, Ho, Wo, n_chunks,
-                  *_strides4(x), *_strides4(zs), *_strides4(zb))
+    shape_args = (C, G, T, W, H * W // vec, kt, pad_h, pad_w, Tp, Wo, Ho * Wo // vec, n_chunks,
+                  *_div(_strides4(x), vec), *_div(_strides4(zs), vec), *_div(_strides4(zb), vec))
     flags = dict(HAS_CACHE=int(has_cache), HAS_DNC=int(dnc is not None), HAS_W=int(weight is not None),
-                 HAS_B=int(bias is not None), HAS_ZQ=int(has_zq), SILU=int(silu), BLOCK=block, ITERS=iters,
-                 num_warps=warps)
-    _gn_bwd_kernel[(n_prog,)](*args, dzs if has_zq else x, dzb if has_zq else x, parts, mean, mean, x, *shape_args,
+                 HAS_B=int(bias is not None), HAS_ZQ=int(has_zq), SILU=int(silu), FLAT=int(flat), VEC=vec,
+                 BLOCK=block, ITERS=iters, num_warps=warps)
+    _gn_bwd_kernel[(n_prog,)](*args, dzs if has_zq else x, dzb if has_zq else x, parts, rstd, rstd, x, *shape_args,
                               DX=0, **flags)
     # fixed-order reductions over the partials axis: deterministic
     sums = parts.sum(2)                                             # (B, C, 2): sum da, sum da * xhat per channel
@@ -362,7 +484,8 @@ def _group_norm_silu_pad_op(x: torch.Tensor, num_groups: int, weight: Optional[t
                             bias: Optional[torch.Tensor], eps: float, kernel_t: int, cache: Optional[torch.Tensor],
                             pad_h: int, pad_w: int, zq_scale: Optional[torch.Tensor], zq_shift: Optional[torch.Tensor],
                             silu: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (out, new_cache, mean, rstd); mean and rstd (B, G) fp32 are saved for the backward."""
+    """Returns (out, new_cache, stats, rstd), saved for the backward: stats (B, G, 2) = (shift, mean - shift),
+    rstd (B, G), fp32."""
     if use_triton(x):
         return group_norm_silu_pad_fwd(x, num_groups, weight, bias, eps, kernel_t, cache, pad_h, pad_w, zq_scale,
                                        zq_shift, silu)
@@ -376,7 +499,7 @@ def _(x, num_groups, weight, bias, eps, kernel_t, cache, pad_h, pad_w, zq_scale,
     B, C, T, H, W = x.shape
     kt = kernel_t - 1
     return (x.new_empty(B, C, T + kt, H + 2 * pad_h, W + 2 * pad_w), x.new_empty(B, C, kt, H, W),
-            x.new_empty(B, num_groups, dtype=torch.float32), x.new_empty(B, num_groups, dtype=torch.float32))
+            x.new_empty(B, num_groups, 2, dtype=torch.float32), x.new_empty(B, num_groups, dtype=torch.float32))
 
 
 @torch.library.custom_op("cogvideox::group_norm_silu_pad_bwd", mutates_args=())
@@ -430,7 +553,7 @@ def group_norm_silu_pad(x, num_groups, weight=None, bias=None, eps=1e-6, kernel_
                         zq_scale=None, zq_shift=None, silu=True):
     """x: (B, C, T, H, W); weight, bias: (C,); zq_scale, zq_shift: (B, C, T, H, W) or None
     -> (out (B, C, T+kernel_t-1, H+2ph, W+2pw), new_cache (B, C, kernel_t-1, H, W))."""
-    _check_pad(x, kernel_t, cache, tuple(pad_hw), "first")
+    _check_pad(x, kernel_t, cache, pad_hw, "first")
     if x.numel() == 0:
         raise ValueError(f"x must not be empty (GroupNorm statistics of no elements), got shape {tuple(x.shape)}")
     C = x.shape[1]

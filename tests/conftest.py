@@ -1,18 +1,28 @@
-"""Shared test helpers. TRITON_INTERPRET must be set before triton is imported, so it is set here first."""
+"""Shared test helpers. TRITON_INTERPRET must be set before triton is imported, so it is set here first.
+
+COGVIDEOX_TEST_DEVICE=cuda (scripts/gpu_check.sh) runs the same tests on a GPU with the real Triton compiler: no
+interpreter, and tensors created without a device land on CUDA (torch.set_default_device), where the ops take
+the Triton path."""
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+TEST_DEVICE = os.environ.get("COGVIDEOX_TEST_DEVICE", "cpu")
+if TEST_DEVICE == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+if TEST_DEVICE != "cpu":
+    torch.set_default_device(TEST_DEVICE)
 
 
 @pytest.fixture
 def triton_kernels(monkeypatch):
     """Force the Triton kernels (in the interpreter on CPU) for the duration of a test."""
     monkeypatch.setenv("COGVIDEOX_KERNELS", "triton")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    if TEST_DEVICE == "cpu":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture

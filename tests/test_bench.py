@@ -108,11 +108,13 @@ def test_min_bytes_hand_computed():
     assert flops.rope3d_bytes(1, 3, 2, 4, itemsize=2)["fwd"] == 2 * (24 + 4 + 4 + 24)
     pad = flops.causal_pad3d_bytes(1, 2, 3, 4, 5, kernel_t=3, pad_hw=(1, 1), itemsize=2)
     assert pad["fwd"] == 2 * (120 + 2 * 5 * 6 * 7 + 2 * 2 * 4 * 5)   # x -> out (T+2, H+2, W+2) + cache
-    assert pad["bwd"] == 2 * (2 * 5 * 6 * 7 + 120)                  # d_out -> d_x
+    assert pad["bwd"] == 2 * (5 * 2 * 4 * 5 + 120)                  # d_out's interior -> d_x
     assert flops.rope3d_bytes(1, 3, 2, 4, itemsize=2)["bwd"] == 2 * ((24 + 24 + 4) + (24 + 4 + 4))
     gn = flops.group_norm_silu_pad_bytes(1, 2, 3, 4, 5, zq=True, itemsize=2)
     gn0 = flops.group_norm_silu_pad_bytes(1, 2, 3, 4, 5, zq=False, itemsize=2)
     assert gn["fwd"] - gn0["fwd"] == 2 * 2 * 120                    # zq_scale and zq_shift read once
+    assert gn0["fwd"] - pad["fwd"] == 2 * (120 + 2 * 2)             # x read twice (statistics, normalize) + w, b
+    assert gn["bwd"] - gn0["bwd"] == 2 * (2 * 2 * 120 + 2 * 120)    # zq read twice, their grads written
 
 
 def test_vae_flops_match_torch_flop_counter_on_diffusers_vae():
@@ -231,7 +233,7 @@ def test_bad_arguments_error_before_running(argv, message, tmp_path, capsys):
 def test_list_names_every_suite(capsys):
     assert main(["--list"]) == 0
     text = capsys.readouterr().out
-    for name in ("kernels", "attention", "model", "vae", "e2e"):
+    for name in ("kernels", "attention", "model", "vae", "e2e", "parallel"):
         assert name in text
 
 
@@ -385,7 +387,7 @@ def cpu_run(tmp_path_factory):
 def test_cpu_run_of_every_suite(cpu_run):
     out, doc = cpu_run
     results.validate(doc)
-    assert set(doc["suites"]) == {"kernels", "attention", "model", "vae", "e2e"}
+    assert set(doc["suites"]) == {"kernels", "attention", "model", "vae", "e2e", "train", "parallel"}
     assert doc["device"]["type"] == "cpu" and doc["size"] == "small"
     assert doc["ceilings"]["copy_gbps"] > 0 and doc["ceilings"]["matmul_tflops"] > 0
     assert doc["environment"]["git"]["commit"] and doc["telemetry"]["reason"]
@@ -416,7 +418,7 @@ def test_cpu_run_compares_against_itself(cpu_run, tmp_path, capsys):
     assert main(["kernels", "--filter", "causal_pad3d", "--out", str(tmp_path), "--budget", "0.01",
                  "--compare", str(out / "results.json")]) == 0
     text = (tmp_path / "compare.md").read_text()
-    assert "| kernels | causal_pad3d vae | eager | fwd |" in text
+    assert "| kernels | causal_pad3d vae 1x32x5x24x36 | eager | fwd |" in text
 
 
 def test_compile_rows_run_when_asked(tmp_path):

@@ -215,6 +215,10 @@ def test_opcheck(monkeypatch, path):
                                                 3, w.detach(), None, EPS)),
         (torch.ops.cogvideox.expert_adaln_bwd, (dout, None, x.detach(), None, None, scale.detach(), 3, None,
                                                 b.detach(), EPS)),
+        # a context-parallel shard: offset 2, text_len 3 -> one text row
+        (torch.ops.cogvideox.expert_adaln_residual, (x, y, gate, shift, scale, 3, w, b, EPS, 2)),
+        (torch.ops.cogvideox.expert_adaln_bwd, (dout, dout, x.detach(), y.detach(), gate.detach(), scale.detach(),
+                                                3, w.detach(), b.detach(), EPS, 2)),
     ]
     for op, args in samples:
         torch.library.opcheck(op, args)
@@ -275,8 +279,17 @@ BAD = [  # (what changes, exception, message fragment)
     ({"weight": torch.randn(8, dtype=torch.float64)}, TypeError, "weight must have dtype"),
     ({"text_len": 2.0}, TypeError, "text_len must be an int"),
     ({"text_len": True}, TypeError, "text_len must be an int"),
-    ({"text_len": 6}, ValueError, "text_len must lie in [0, S=5]"),
-    ({"text_len": -1}, ValueError, "text_len must lie in [0, S=5]"),
+    ({"text_len": -1}, ValueError, "text_len must be >= 0, got -1"),
+    ({"offset": -1}, ValueError, "offset must be >= 0, got -1"),
+    ({"offset": 2.0}, TypeError, "offset must be an int, got float"),
+    ({"offset": True}, TypeError, "offset must be an int, got bool"),
+    ({"offset": None}, TypeError, "offset must be an int, got NoneType"),
+    ({"eps": 0.0}, ValueError, "eps must be a finite number > 0, got 0.0"),
+    ({"eps": -1e-5}, ValueError, "eps must be a finite number > 0, got -1e-05"),
+    ({"eps": float("nan")}, ValueError, "eps must be a finite number > 0, got nan"),
+    ({"eps": float("inf")}, ValueError, "eps must be a finite number > 0, got inf"),
+    ({"eps": None}, TypeError, "eps must be a real number, got NoneType"),
+    ({"eps": "1e-5"}, TypeError, "eps must be a real number, got str"),
 ]
 
 
@@ -291,6 +304,149 @@ def test_bad_input(change, exc, msg):
         with pytest.raises(exc) as info:
             expert_adaln(**kw)
         assert msg in str(info.value)
+
+
+# Context-parallel shards of one joint sequence (S = 13, text_len = 5): boundaries of the shards, in order.
+# Offsets 0, 3 (mid-text, and a shard wholly inside the text: text_len > offset + S), 5 (exactly text_len),
+# 9 (mid-vision), uneven sizes; a shard straddling the text/vision boundary; one-row shards.
+SHARDINGS = [(0, 3, 5, 9, 13), (0, 7, 8, 13), (0, 1, 2, 6, 12, 13)]
+
+
+def _sharded(fn, leaves, E, text_len, residual, bounds):
+    """fn on every shard x[:, lo:hi] (y likewise) with offset=lo; outputs concatenated along S."""
+    x, y, gate, shift, scale, w, b = views(leaves, E)
+    outs = []
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        if residual:
+            outs.append(fn(x[:, lo:hi], y[:, lo:hi], gate, shift, scale, text_len, w, b, EPS, offset=lo))
+        else:
+            outs.append((fn(x[:, lo:hi], shift, scale, text_len, w, b, EPS, offset=lo),))
+    return tuple(torch.cat(o, dim=1) for o in zip(*outs))
+
+
+@pytest.mark.parametrize("bounds", SHARDINGS, ids=lambda b: "-".join(map(str, b)))
+@pytest.mark.parametrize("residual", [False, True], ids=["adaln", "residual"])
+@pytest.mark.parametrize("path", ["torch", "triton"])
+def test_context_parallel_offset(monkeypatch, path, residual, bounds):
+    """op(x[:, lo:hi], offset=lo) is op(x)[:, lo:hi] bit for bit in fp32 (each row sees the same arithmetic), on
+    the reference path and in the interpreter; so is the input gradient of every shard; the modulation and
+    LayerNorm parameter gradients summed over the shards equal the full ones (1e-5 relative)."""
+    monkeypatch.setenv("COGVIDEOX_KERNELS", path)
+    monkeypatch.setattr(ea, "num_sms", lambda device: 4)     # several programs per shard in the backward
+    leaves = make_inputs(2, 13, 72, 2, torch.float32)
+    names = [k for k in ("x", "y", "mod", "weight", "bias") if residual or k != "y"]
+    n_out = 2 if residual else 1
+    gout = [torch.randn(2, 13, 72, generator=torch.Generator().manual_seed(3)) for _ in range(n_out)]
+    fn = expert_adaln_residual if residual else expert_adaln
+    full = run(ours, leaves, 2, 5, residual, gout)
+    sharded = _sharded(fn, leaves, 2, 5, residual, bounds)
+    grads = dict(zip(names, torch.autograd.grad(sharded, [leaves[k] for k in names], gout)))
+    for a, r in zip(sharded, full[0]):
+        assert torch.equal(a, r)
+    for k in names:
+        if k in ("x", "y"):
+            assert torch.equal(grads[k], full[1][k]), f"d{k}"
+        else:
+            assert_parity(grads[k], full[1][k], atol=1e-6, name=f"d{k}")
+
+
+@pytest.mark.parametrize("path", ["torch", "triton"])
+def test_offset_text_only_and_vision_only_shards(monkeypatch, path):
+    """A shard wholly inside the text (text_len > offset + S) is modulated by expert 0 alone, one wholly inside the
+    vision by expert 1 alone: the same as an E = 1 call with that expert's vectors."""
+    monkeypatch.setenv("COGVIDEOX_KERNELS", path)
+    x, y, gate, shift, scale, w, b = views(make_inputs(2, 6, 72, 2, torch.float32), 2)
+    for offset, text_len, e in ((0, 10, 0), (4, 10, 0), (3, 3, 1), (7, 2, 1)):
+        one = [t[:, e:e + 1] for t in (gate, shift, scale)]
+        got = expert_adaln_residual(x, y, gate, shift, scale, text_len, w, b, EPS, offset=offset)
+        want = expert_adaln_residual(x, y, *one, 0, w, b, EPS)
+        for a, r in zip(got, want):
+            assert torch.equal(a, r), (offset, text_len)
+
+
+def _constant_leaves(D, residual, affine, seed=0):
+    """Leaves (as make_inputs) whose LayerNorm input rows are constant: x rows of one value each (12345.678 and
+    98765.4 among them), and for the residual a constant-per-row y and a gate constant over D, so that every
+    x_new row is one value too (lane by lane the same arithmetic)."""
+    g = torch.Generator().manual_seed(seed)
+    consts = torch.tensor([12345.678, 98765.4, -3.25, 0.0, 7.0e4])
+    B, S = 1, consts.numel()
+    x = consts.view(1, S, 1).expand(B, S, D).clone().requires_grad_()
+    y = (torch.tensor([2.0, -1.5, 0.0, 3.0, 1.0]).view(1, S, 1).expand(B, S, D).clone().requires_grad_()
+         if residual else torch.zeros(B, S, D))
+    mod = (0.5 * torch.randn(B, 6, D, generator=g))
+    mod[:, 2], mod[:, 5] = 0.37, -0.61                        # both experts' gates: constant over D
+    mod = mod.view(B, 6 * D).requires_grad_()
+    weight = (1 + 0.3 * torch.randn(D, generator=g)).requires_grad_() if affine else None
+    bias = (0.3 * torch.randn(D, generator=g)).requires_grad_() if affine else None
+    return {"x": x, "y": y, "mod": mod, "weight": weight, "bias": bias}
+
+
+@pytest.mark.parametrize("D", [64, 1000, 3072])
+@pytest.mark.parametrize("residual", [False, True], ids=["adaln", "residual"])
+@pytest.mark.parametrize("path", ["torch", "triton"])
+def test_constant_rows(monkeypatch, path, residual, D):
+    """Issue 12: a row of equal values normalizes to exactly 0, as F.layer_norm gives (the Triton path gave 0.295
+    at 12345.678 and 0.98 at 98765.4: the fp32 mean's rounding error times rsqrt(eps)); with the affine and the
+    modulation, out = bias * (1 + scale) + shift; the backward is finite and matches fp64 autograd."""
+    monkeypatch.setenv("COGVIDEOX_KERNELS", path)
+    leaves = _constant_leaves(D, residual, affine=False)
+    x, y, gate, shift, scale, w, b = views(leaves, 2)
+    zeros = torch.zeros_like(shift)
+    out = ours(x, y, gate, zeros, zeros, 2, None, None, residual)[-1]
+    assert torch.equal(out, torch.zeros_like(out))
+    leaves = _constant_leaves(D, residual, affine=True)
+    gout = [torch.randn(1, 5, D, generator=torch.Generator().manual_seed(2)) for _ in range(1 + residual)]
+    o_ours, g_ours = run(ours, leaves, 2, 2, residual, gout)
+    o_ref, g_ref = run(plain, to64(leaves), 2, 2, residual, [t.double() for t in gout])
+    for a, r in zip(o_ours, o_ref):
+        assert_parity(a, r, name="out")
+    for k in g_ref:
+        assert torch.isfinite(g_ours[k]).all(), f"d{k}"
+        assert_parity(g_ours[k], g_ref[k], name=f"d{k}")
+
+
+@pytest.mark.parametrize("D", [64, 3072])
+@pytest.mark.parametrize("path", ["torch", "triton"])
+def test_near_constant_rows(monkeypatch, path, D):
+    """Rows 12345.678 + 1e-3 randn (fp32 ulp there is ~1e-3): forward and gradients err at most 2x torch's own fp32
+    LayerNorm vs fp64 (torch's fp32 F.layer_norm errs by ~0.1 on such rows; the shifted Triton statistics ~1e-7;
+    the old Triton kernel erred 0.76 at D = 3072)."""
+    monkeypatch.setenv("COGVIDEOX_KERNELS", path)
+    g = torch.Generator().manual_seed(4)
+    leaves = make_inputs(2, 6, D, 2, torch.float32)
+    leaves["x"] = (12345.678 + 1e-3 * torch.randn(2, 6, D, generator=g, dtype=torch.float64)).float().requires_grad_()
+    gout = [torch.randn(2, 6, D, generator=g)]
+    o_ours, g_ours = run(ours, leaves, 2, 3, False, gout)
+    o_ref, g_ref = run(plain, to64(leaves), 2, 3, False, [t.double() for t in gout])
+    o_pl, g_pl = run(plain, leaves, 2, 3, False, gout)
+    pairs = [("out", o_ours[0], o_ref[0], o_pl[0])] + [(f"d{k}", g_ours[k], g_ref[k], g_pl[k]) for k in g_ref]
+    for name, a, r, p in pairs:
+        err, plain_err = max_err(a, r), max_err(p, r)
+        assert err <= 2 * plain_err + 1e-5 * r.abs().max().item(), f"{name}: {err:.3e} vs torch fp32 {plain_err:.3e}"
+
+
+def test_row_width_limit(triton_kernels, monkeypatch):
+    """D up to MAX_D runs; beyond, a ValueError naming the limit instead of a raw Triton error, on every path."""
+    D = ea.MAX_D
+    x, shift, scale = torch.randn(1, 2, D), torch.randn(1, 1, D), torch.randn(1, 1, D)
+    assert_parity(expert_adaln(x, shift, scale, 0), expert_adaln_ref(x.double(), shift.double(), scale.double(), 0))
+    x, shift = torch.randn(1, 1, D + 1), torch.randn(1, 1, D + 1)
+    for path in ("triton", "torch"):
+        monkeypatch.setenv("COGVIDEOX_KERNELS", path)
+        with pytest.raises(ValueError, match=f"more than the kernels' limit of {D}"):
+            expert_adaln(x, shift, shift, 0)
+        with pytest.raises(ValueError, match=f"more than the kernels' limit of {D}"):
+            expert_adaln_residual(x, x, shift, shift, shift, 0)
+
+
+def test_documented_module_attributes():
+    """README: kernels.expert_adaln.launch_config works although kernels.expert_adaln is the (callable) op."""
+    import kernels
+    assert callable(kernels.expert_adaln)
+    assert kernels.expert_adaln.launch_config is ea.launch_config
+    assert kernels.expert_adaln.expert_rows is ea.expert_rows and kernels.expert_adaln.expert_sum is ea.expert_sum
+    assert kernels.expert_adaln.launch_config(2, 17776, 3072, 132)["BLOCK_D"] == 4096
 
 
 # CogVideoX shapes (arXiv 2408.06072 Table 1; 226 text + 13 x 30 x 45 vision tokens) the AOT build is checked at.

@@ -255,6 +255,11 @@ def test_opcheck(monkeypatch, kernels):
     dy = torch.randn(1, 8, 3, 32)
     torch.library.opcheck(torch.ops.cogvideox.rope3d_bwd.default, (dy, x.detach(), *common, w.detach(), None, 1e-6))
     torch.library.opcheck(torch.ops.cogvideox.rope3d_bwd.default, (dy, None, *common, None, None, 1e-6))
+    # a context-parallel shard: tokens [1, 9) of a 2 + 1*2*4 sequence
+    shard = (2, [1, 2, 4], start, step, 10000.0, [8, 12, 12])
+    torch.library.opcheck(torch.ops.cogvideox.rope3d.default, (x, *shard, w, b, 1e-6, 1))
+    torch.library.opcheck(torch.ops.cogvideox.rope3d_bwd.default, (dy, x.detach(), *shard, w.detach(), b.detach(),
+                                                                   1e-6, 1))
 
 
 def test_compile_fullgraph_three_lengths(triton_kernels):
@@ -347,6 +352,54 @@ def test_tensor_positions_equal_floats(monkeypatch, kernels):
         assert torch.equal(t, e)
 
 
+# Context-parallel shards of one joint sequence (text_len = 5, grid (2, 2, 3): S = 17): the shards' boundaries.
+# Offsets 0, 3 (mid-text: a shard wholly inside the text), 5 (exactly text_len), 9 (mid-vision), uneven sizes;
+# a shard straddling the text/vision boundary; one-token shards.
+SHARDINGS = [(0, 3, 5, 9, 17), (0, 7, 8, 17), (0, 1, 2, 6, 16, 17)]
+
+
+@pytest.mark.parametrize("norm", [True, False], ids=["norm", "nonorm"])
+@pytest.mark.parametrize("bounds", SHARDINGS, ids=lambda b: "-".join(map(str, b)))
+@pytest.mark.parametrize("kernels", ["triton", "torch"])
+def test_context_parallel_offset(monkeypatch, kernels, bounds, norm):
+    """rope3d(x[:, lo:hi], offset=lo) is rope3d(x)[:, lo:hi] bit for bit in fp32 (each token sees the same
+    arithmetic), forward and input gradient, on the reference path and in the interpreter; dweight / dbias summed
+    over the shards equal the full ones (1e-5 relative)."""
+    monkeypatch.setenv("COGVIDEOX_KERNELS", kernels)
+    text_len, grid, kw = 5, (2, 2, 3), dict(start=(0.0, 1.0, 0.5), step=(1.0, 0.75, 1.25))
+    x = _x(2, 17, 3, 64, torch.float32, "qkv").requires_grad_()
+    w = (1 + 0.3 * torch.randn(64)).requires_grad_() if norm else None
+    b = (0.3 * torch.randn(64)).requires_grad_() if norm else None
+    dy = torch.randn(2, 17, 3, 64)
+    leaves = [t for t in (x, w, b) if t is not None]
+    full = rope3d(x, text_len, grid, weight=w, bias=b, **kw)
+    full_grads = torch.autograd.grad(full, leaves, dy)
+    shards = [rope3d(x[:, lo:hi], text_len, grid, weight=w, bias=b, offset=lo, **kw)
+              for lo, hi in zip(bounds[:-1], bounds[1:])]
+    grads = torch.autograd.grad(shards, leaves, [dy[:, lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:])])
+    assert torch.equal(torch.cat(shards, dim=1), full)
+    assert torch.equal(grads[0], full_grads[0])
+    for name, g, r in zip(("dweight", "dbias"), grads[1:], full_grads[1:]):
+        assert_parity(g, r, name=name)
+    # the reference itself, shard by shard
+    ref = rope3d_ref(x.detach(), text_len, grid, weight=w, bias=b, **kw)
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        part = rope3d_ref(x[:, lo:hi].detach(), text_len, grid, weight=w, bias=b, offset=lo, **kw)
+        assert torch.equal(part, ref[:, lo:hi])
+
+
+@pytest.mark.parametrize("offset, S, ok", [(0, 17, True), (12, 5, True), (13, 5, False), (0, 18, False),
+                                           (17, 0, True), (30, 1, False)])
+def test_offset_shard_must_fit(offset, S, ok):
+    """An int offset: x is a shard, offset + S <= text_len + T*Hg*Wg (here 5 + 12); None: the exact rule."""
+    x = torch.randn(1, S, 2, 32)
+    if ok:
+        assert rope3d(x, 5, (2, 2, 3), offset=offset).shape == x.shape
+    else:
+        with pytest.raises(ValueError, match="offset"):
+            rope3d(x, 5, (2, 2, 3), offset=offset)
+
+
 BAD_INPUTS = {
     "x_not_tensor": (TypeError, lambda x, w: rope3d(x.tolist(), 2, (1, 2, 3))),
     "x_int_dtype": (TypeError, lambda x, w: rope3d(x.long(), 2, (1, 2, 3))),
@@ -370,6 +423,10 @@ BAD_INPUTS = {
     "step_tensor_2d": (ValueError, lambda x, w: rope3d(x, 2, (1, 2, 3), step=torch.ones(1, 3))),
     "start_tensor_other_device": (ValueError, lambda x, w: rope3d(x, 2, (1, 2, 3), start=w[:3].to("meta"))),
     "theta_zero": (ValueError, lambda x, w: rope3d(x, 2, (1, 2, 3), theta=0.0)),
+    "offset_negative": (ValueError, lambda x, w: rope3d(x, 2, (1, 2, 3), offset=-1)),
+    "offset_float": (TypeError, lambda x, w: rope3d(x, 2, (1, 2, 3), offset=0.0)),
+    "offset_bool": (TypeError, lambda x, w: rope3d(x, 2, (1, 2, 3), offset=False)),
+    "text_len_negative_in_shard": (ValueError, lambda x, w: rope3d(x, -1, (1, 2, 3), offset=0)),
 }
 
 
@@ -378,6 +435,159 @@ def test_bad_input(case):
     error, call = BAD_INPUTS[case]
     with pytest.raises(error):
         call(torch.randn(1, 8, 2, 32), torch.randn(32))
+
+
+def _ref64(x, text_len, grid, weight=None, bias=None, eps=1e-6):
+    """LayerNorm and rotation in fp64 (cos/sin of the op's fp32 table): a reference where fp32 statistics are poor."""
+    x = x.double()
+    Dh = x.shape[-1]
+    if weight is not None or bias is not None:
+        x = F.layer_norm(x, (Dh,), None if weight is None else weight.double(),
+                         None if bias is None else bias.double(), eps)
+    cos, sin = (t.double() for t in rope3d_table(grid, axes_dim=R.default_axes_dim(Dh)))
+    vis = x[:, text_len:]
+    rot = torch.stack([-vis[..., 1::2], vis[..., 0::2]], dim=-1).flatten(-2)
+    return torch.cat([x[:, :text_len], vis * cos[None, :, None] + rot * sin[None, :, None]], dim=1)
+
+
+def _constant_x(B, S, H, Dh):
+    """Every (token, head) row one value: 12345.678, 98765.4 and a few others, cycled."""
+    consts = torch.tensor([12345.678, 98765.4, -3.25, 0.0, 7.0e4, 1.0])
+    return consts[torch.arange(B * S * H) % consts.numel()].view(B, S, H, 1).expand(B, S, H, Dh).contiguous()
+
+
+@pytest.mark.parametrize("kernels", ["triton", "torch"])
+def test_constant_rows(monkeypatch, kernels):
+    """Issue 12: a row of equal values normalizes to exactly 0 (F.layer_norm's result; the Triton path gave 0.70 and
+    0.99): the output is the rotated bias, zero without one; the backward is finite and matches fp64 autograd."""
+    monkeypatch.setenv("COGVIDEOX_KERNELS", kernels)
+    text_len, grid = 3, (1, 2, 3)
+    x = _constant_x(2, 9, 3, 64)
+    w, b = 1 + 0.3 * torch.randn(64), 0.3 * torch.randn(64)
+    out = rope3d(x, text_len, grid, weight=w)
+    assert torch.equal(out, torch.zeros_like(out))
+    dy = torch.randn(2, 9, 3, 64)
+    out, grads = _run(rope3d, x, dy, w, b, (text_len, grid), {})
+    ref, ref_grads = _run(lambda x, **k: _ref64(x, text_len, grid, **k), x, dy.double(), w, b, (), {})
+    assert_parity(out, ref, name="out")
+    for name, g, r in zip(("dx", "dweight", "dbias"), grads, ref_grads):
+        assert torch.isfinite(g).all(), name
+        assert_parity(g, r, name=name)
+
+
+@pytest.mark.parametrize("kernels", ["triton", "torch"])
+def test_near_constant_rows(monkeypatch, kernels):
+    """Rows 12345.678 + 1e-3 randn: forward and gradients err at most 2x torch's fp32 (rope3d_ref) vs fp64."""
+    monkeypatch.setenv("COGVIDEOX_KERNELS", kernels)
+    text_len, grid = 3, (1, 2, 3)
+    x = (12345.678 + 1e-3 * torch.randn(2, 9, 3, 64, dtype=torch.float64)).float()
+    w, b, dy = 1 + 0.3 * torch.randn(64), 0.3 * torch.randn(64), torch.randn(2, 9, 3, 64)
+    out, grads = _run(rope3d, x, dy, w, b, (text_len, grid), {})
+    ref, ref_grads = _run(lambda x, **k: _ref64(x, text_len, grid, **k), x, dy.double(), w, b, (), {})
+    pl, pl_grads = _run(rope3d_ref, x, dy, w, b, (text_len, grid), {})
+    for name, a, r, p in zip(("out", "dx", "dweight", "dbias"), [out, *grads], [ref, *ref_grads], [pl, *pl_grads]):
+        err, plain_err = (a.double() - r).abs().max().item(), (p.double() - r).abs().max().item()
+        assert err <= 2 * plain_err + 1e-5 * r.abs().max().item(), f"{name}: {err:.3e} vs torch fp32 {plain_err:.3e}"
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # NaN * 0 not selected
+@pytest.mark.parametrize("kernels", ["triton", "torch"])
+def test_non_finite_text_tokens_pass_through(monkeypatch, kernels):
+    """NaN / inf in channel 2k+1 of a text token stays there: text tokens are copied, not multiplied by sin = 0
+    (the Triton path turned channel 2k into NaN); forward and backward, vision tokens untouched by it."""
+    monkeypatch.setenv("COGVIDEOX_KERNELS", kernels)
+    text_len, grid = 4, (1, 2, 3)
+    x, dy = torch.randn(2, 10, 3, 64), torch.randn(2, 10, 3, 64)
+    clean = rope3d(x, text_len, grid)
+    for t in (x, dy):
+        t[:, 1, :, 5], t[:, 2, 0, 17], t[:, 3, 2, 63] = float("nan"), float("inf"), -float("inf")
+    out, (dx, _, _) = _run(rope3d, x, dy, None, None, (text_len, grid), {})
+    for got, want in ((out, x), (dx, dy)):
+        assert torch.equal(got[:, :text_len].nan_to_num(), want[:, :text_len].nan_to_num())
+        assert torch.equal(got[:, :text_len].isnan(), want[:, :text_len].isnan())
+    assert torch.equal(out[:, text_len:], clean[:, text_len:])
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # NaN * 0 not selected
+def test_theta_inf_in_the_kernel_matches_reference(triton_kernels):
+    """rope3d refuses theta = inf; the custom op handed it still matches the reference (inv_freq 1 for k = 0, else
+    0), where the kernel used to give NaN on every vision token (-0 * inf in its exp2)."""
+    x = torch.randn(1, 2 + 6, 2, 32)
+    pos = torch.tensor([0.0, 0.5, 1.0]), torch.tensor([1.0, 2.0, 0.75])
+    out = torch.ops.cogvideox.rope3d(x, 2, [1, 2, 3], *pos, float("inf"), [8, 12, 12], None, None, 1e-6)
+    ref = rope3d_ref(x, 2, (1, 2, 3), *pos, theta=float("inf"), axes_dim=(8, 12, 12))
+    assert torch.isfinite(ref).all()
+    assert_parity(out, ref)
+
+
+@pytest.mark.parametrize("theta, error, msg", [
+    (float("inf"), ValueError, "theta must be a finite number > 0, got inf"),
+    (float("nan"), ValueError, "theta must be a finite number > 0, got nan"),
+    (-1.0, ValueError, "theta must be a finite number > 0, got -1.0"),
+    ("1e4", TypeError, "theta must be a real number, got str"),
+])
+def test_bad_theta(theta, error, msg):
+    with pytest.raises(error) as info:
+        rope3d(torch.randn(1, 8, 2, 32), 2, (1, 2, 3), theta=theta)
+    assert msg in str(info.value)
+
+
+@pytest.mark.parametrize("kw, error, msg", [
+    (dict(start=("a", "b", "c")), TypeError, "start[t] must be a real number, got str"),
+    (dict(step=(1.0, None, 1.0)), TypeError, "step[h] must be a real number, got NoneType"),
+    (dict(start=(0.0, 0.0, float("nan"))), ValueError, "start[w] must be finite, got nan"),
+    (dict(step=(float("inf"), 1.0, 1.0)), ValueError, "step[t] must be finite, got inf"),
+    (dict(start=5.0), TypeError, "start must be three floats (t, h, w) or an fp32 (3,) tensor, got float"),
+    (dict(start=(0.0, 0.0)), ValueError, "start must hold three floats"),
+])
+def test_bad_positions_name_the_argument(kw, error, msg):
+    with pytest.raises(error) as info:
+        rope3d(torch.randn(1, 8, 2, 32), 2, (1, 2, 3), **kw)
+    assert msg in str(info.value)
+
+
+@pytest.mark.parametrize("grid", [(0, 2, 3), (2, 0, 3), (1, 3, 0)])
+@pytest.mark.parametrize("kernels", ["triton", "torch"])
+def test_no_vision_tokens(monkeypatch, kernels, grid):
+    """T, Hg or Wg = 0: every token is text (the LayerNorm alone), on both paths (the reference crashed reshaping
+    an empty table), forward and backward, whole sequence and shard."""
+    monkeypatch.setenv("COGVIDEOX_KERNELS", kernels)
+    x, dy = torch.randn(2, 5, 3, 32), torch.randn(2, 5, 3, 32)
+    w, b = 1 + 0.3 * torch.randn(32), 0.3 * torch.randn(32)
+    for kw in ({}, {"offset": 0}):
+        out, grads = _run(rope3d, x, dy, w, b, (5, grid), kw)
+        ref, ref_grads = _run(lambda x, **k: F.layer_norm(x, (32,), k["weight"], k["bias"], 1e-6), x.double(),
+                              dy.double(), w.double(), b.double(), (), {})
+        assert_parity(out, ref)
+        for g, r in zip(grads, ref_grads):
+            assert_parity(g, r)
+    assert torch.equal(rope3d(x, 5, grid), x)
+
+
+def test_documented_module_attributes():
+    """README: kernels.rope3d.rope3d_positions / rope3d_config work although kernels.rope3d is the (callable) op."""
+    import kernels
+    assert callable(kernels.rope3d)
+    assert kernels.rope3d.rope3d_positions is R.rope3d_positions and kernels.rope3d.rope3d_config is R.rope3d_config
+    start, step = kernels.rope3d.rope3d_positions((0.0, 1.0, 2.0), (1.0, 1.0, 0.5), "cpu")
+    assert start.tolist() == [0.0, 1.0, 2.0] and step.dtype == torch.float32
+    assert kernels.rope3d.rope3d_config(48, 64)["BLOCK_D"] == 64
+
+
+@pytest.mark.parametrize("eps, error, msg", [
+    (0.0, ValueError, "eps must be a finite number > 0, got 0.0"),
+    (-1e-6, ValueError, "eps must be a finite number > 0, got -1e-06"),
+    (float("nan"), ValueError, "eps must be a finite number > 0, got nan"),
+    (float("inf"), ValueError, "eps must be a finite number > 0, got inf"),
+    (None, TypeError, "eps must be a real number, got NoneType"),
+    ("1e-6", TypeError, "eps must be a real number, got str"),
+])
+def test_bad_eps(eps, error, msg):
+    """The shared check (kernels._dispatch.check_eps): a bad eps used to reach the kernels and yield NaN."""
+    x, w = torch.randn(1, 8, 2, 32), torch.randn(32)
+    with pytest.raises(error) as info:
+        rope3d(x, 2, (1, 2, 3), weight=w, eps=eps)
+    assert msg in str(info.value)
 
 
 def test_empty_batch(triton_kernels):
@@ -424,7 +634,7 @@ def _aot_build(backward, H, dtype, norm):
     sig.update({n: "*" + dtype for n in ptrs})
     sig.update({n: "*fp32" for n in ("DW_PART", "DB_PART") if backward})
     sig.update({"START": "*fp32", "STEP": "*fp32"})
-    sig.update({n: "i32" for n in ("B", "S", "H", "sxb", "sxs", "sxh", "text_len", "Hg", "Wg")})
+    sig.update({n: "i32" for n in ("B", "S", "H", "sxb", "sxs", "sxh", "text_len", "offset", "Hg", "Wg")})
     sig.update({n: "fp32" for n in ("log2_theta", "eps")})
     const = dict(HEAD_DIM=64, DT=16, DH=24, NORM=norm, HAS_W=norm, HAS_B=norm,
                  BLOCK_S=cfg["BLOCK_S"], BLOCK_H=cfg["BLOCK_H"], BLOCK_D=cfg["BLOCK_D"])

@@ -202,6 +202,7 @@ COMPILE_CASES = {
     "references-1.0": (False, {}, SHAPES_1_0),
     "kernel-ops-1.0": (True, {}, SHAPES_1_0),
     "kernel-ops-1.5": (True, {"patch_size_t": 2}, [(1, 4, 4, 8, 12), (2, 6, 4, 6, 10), (1, 4, 4, 10, 8)]),
+    "kernel-ops-2b": (True, {"use_rotary_positional_embeddings": False}, SHAPES_1_0),   # q/k norm alone
 }
 
 
@@ -217,7 +218,7 @@ def test_compile_blocks_graph_breaks_and_recompiles(case):
     use_kernels, overrides, shapes = COMPILE_CASES[case]
     torch._dynamo.reset()
     counters.clear()
-    cfg = TransformerConfig.preset("tiny", use_rotary_positional_embeddings=True, num_layers=1, **overrides)
+    cfg = TransformerConfig.preset("tiny", **{"use_rotary_positional_embeddings": True, "num_layers": 1, **overrides})
     torch.manual_seed(0)
     eager = CogVideoXTransformer(cfg, use_kernels=use_kernels)
     compiled = CogVideoXTransformer(cfg, use_kernels=use_kernels)

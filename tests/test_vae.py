@@ -169,12 +169,14 @@ def test_chunked_equals_unchunked_with_per_frame_groupnorm(ckpt, monkeypatch):
     assert (chunked - chunked_true_gn).abs().max() > 1e-3   # the per-frame norm really ran
 
 
-def test_grad_only_in_train_mode(ckpt):
-    """eval (load_vae's default): no autograd graph. train: gradients reach every weight and, through the causal
-    conv caches alone, from the second chunk's frames (9:17) back to the first chunk's latents (0:3)."""
+def test_grad_in_eval_mode(ckpt):
+    """eval (load_vae's default) means no dropout, not no autograd: under no_grad no graph; otherwise gradients
+    reach every weight and, through the causal conv caches alone, from the second chunk's frames (9:17) back to
+    the first chunk's latents (0:3)."""
     vae, z = load_vae(ckpt[0]), torch.randn(1, 16, 5, 1, 2, requires_grad=True)
-    assert not vae.decode(z).requires_grad
-    vae.train()
+    with torch.no_grad():
+        assert not vae.decode(z).requires_grad
+    assert not vae.training
     vae.decode(z)[:, :, 9:].square().mean().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in vae.decoder.parameters())
     assert z.grad[:, :, :3].abs().sum() > 0
@@ -325,3 +327,16 @@ def test_sample_draws_like_randn_tensor(monkeypatch):
     g = torch.Generator()
     assert torch.equal(post.sample(g), mean)
     assert calls == [(g, mean.device, mean.dtype)]
+
+
+def test_use_kernels_none_means_references_on_cpu(ckpt, monkeypatch):
+    """As in CogVideoXTransformer: None = kernels on CUDA, references on CPU; True = the kernels ops."""
+    def boom(*a, **k):
+        raise RuntimeError("kernel op called")
+    monkeypatch.setattr(vae_mod, "causal_pad3d", boom)
+    monkeypatch.setattr(vae_mod, "group_norm_silu_pad", boom)
+    z = torch.randn(1, 16, 1, 1, 2)
+    with torch.no_grad():
+        load_vae(ckpt[0]).decode(z)
+        with pytest.raises(RuntimeError, match="kernel op called"):
+            load_vae(ckpt[0], use_kernels=True).decode(z)

@@ -2,6 +2,7 @@
 inside cases() / build(), so listing suites never fails on a missing target."""
 from __future__ import annotations
 
-from . import attention, e2e, kernels, model, vae
+from . import attention, e2e, kernels, model, parallel, train, vae
 
-SUITES = {s.name: s for s in (kernels.SUITE, attention.SUITE, model.SUITE, vae.SUITE, e2e.SUITE)}
+SUITES = {s.name: s for s in (kernels.SUITE, attention.SUITE, model.SUITE, vae.SUITE, e2e.SUITE, train.SUITE,
+                              parallel.SUITE)}

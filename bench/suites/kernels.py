@@ -2,10 +2,12 @@
 
 Per op three implementations: "eager", the sequence of PyTorch ops diffusers 0.42.1 runs for the same work (two
 streams, each normalized and modulated, then the cat; LayerNorm then apply_rotary_emb with a precomputed table;
-the cat of first-frame copies then F.pad); "compile", torch.compile of the op's pure-torch reference; "ours", the
-public op (Triton on CUDA). Throughput is GB/s over the minimum bytes (bench/flops.py) and % of the measured copy
-bandwidth. Shapes: CogVideoX-2B / -5B blocks (B = 2, S = 226 + 13x30x45 = 17,776, D = 1920 / 3072, 30 / 48 heads
-of 64) and the VAE's full-resolution pad (1, 128, 9, 480, 720); small stand-ins on a CPU.
+the cat of first-frame copies and the clone of the conv cache, its Conv3d padding H and W itself); "compile",
+torch.compile of the op's pure-torch reference; "ours", the public op (Triton on CUDA). Throughput is GB/s over
+the minimum bytes (bench/flops.py) and % of the measured copy bandwidth. Shapes: CogVideoX-2B / -5B blocks
+(B = 2, S = 226 + 13x30x45 = 17,776, D = 1920 / 3072, 30 / 48 heads of 64; rope3d on the strided q slice of the fused (B, S, 3, H, Dh) QKV output, as the model calls it) and the
+VAE's full-resolution pad (1, 128, 9, 480, 720); small stand-ins on a CPU. Row names carry the shape they ran.
+`python -m bench kernels --static` prints what the sm_90 builds predict instead (static_rows, below).
 """
 from __future__ import annotations
 
@@ -19,6 +21,8 @@ DIT = {"2b": {"dim": 1920, "heads": 30}, "5b": {"dim": 3072, "heads": 48}}
 DIT_SMALL = {"2b": {"dim": 256, "heads": 4}, "5b": {"dim": 384, "heads": 6}}
 FULL = {"batch": 2, "text_len": 226, "grid": (13, 30, 45), "vae": (1, 128, 9, 480, 720)}
 SMALL = {"batch": 2, "text_len": 16, "grid": (3, 6, 8), "vae": (1, 32, 5, 24, 36)}
+# How cogvideox.vae pads H and W around its k3 convs: in the padded copy (1, 1) or inside the conv (0, 0).
+VAE_PAD_HW = (0, 0)
 BACKENDS = {"eager": "diffusers' op sequence, eager", "compile": "torch.compile(<op>_ref)"}
 
 
@@ -86,7 +90,12 @@ def _grads_like(outs):
 
 
 def _leaf(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().clone().requires_grad_(True)
+    """A fresh leaf with t's strides (a strided view stays a strided view of a fresh buffer)."""
+    if t.is_contiguous():
+        return t.detach().clone().requires_grad_(True)
+    base = t._base if t._base is not None else t
+    view = base.detach().clone().as_strided(t.shape, t.stride(), t.storage_offset())
+    return view.requires_grad_(True)
 
 
 # ---- eager baselines: what diffusers runs (two streams, text first in the cat) ---------------------------------
@@ -105,11 +114,16 @@ def _eager_adaln_residual(enc, hid, a_enc, a_hid, gate, shift, scale, w, b, eps)
     return (enc, hid) + _eager_adaln(enc, hid, shift, scale, w, b, eps)
 
 
+def _tag(*dims) -> str:
+    return "x".join(map(str, dims))
+
+
 def _dit_case(op: str, model: str, shp: dict, ctx: Context) -> Case:
     B, L, grid = shp["batch"], shp["text_len"], shp["grid"]
     dims = (DIT if ctx.full else DIT_SMALL)[model]
     D, H = dims["dim"], dims["heads"]
     S = L + grid[0] * grid[1] * grid[2]
+    tag = f"{_tag(B, S, H, D // H)} qkv-slice" if op == "rope3d" else _tag(B, S, D)
     item = torch.tensor([], dtype=ctx.dtype).element_size()
     if op == "rope3d":
         shape = {"B": B, "S": S, "H": H, "Dh": D // H, "text_len": L, "grid": list(grid)}
@@ -167,12 +181,13 @@ def _dit_case(op: str, model: str, shp: dict, ctx: Context) -> Case:
                 [_leaf(t) for t in (x, y, gate, shift, scale, w, b)], _grads_like, nbytes, backend=backend, skip=why)
         return out
 
-    return Case(f"{op} {model}", shape, build, est_bytes=_est_bytes(nbytes))
+    return Case(f"{op} {model} {tag}", shape, build, est_bytes=_est_bytes(nbytes))
 
 
 def _rope_variants(ctx: Context, kernels, rnd, B, S, H, Dh, L, grid, nbytes) -> list[Variant]:
     from kernels.rope3d import default_axes_dim, rope3d_table
-    x = rnd(B, S, H, Dh)
+    # the model's q: a strided slice of the fused QKV projection, (B, S, 3, H, Dh)[:, :, 0]
+    x = rnd(B, S, 3, H, Dh)[:, :, 0]
     w, b = 1 + rnd(Dh, scale=0.1), rnd(Dh, scale=0.1)
     eps = 1e-6
     axes = default_axes_dim(Dh)
@@ -206,15 +221,17 @@ def _rope_variants(ctx: Context, kernels, rnd, B, S, H, Dh, L, grid, nbytes) -> 
 
 def _eager_pad(h, kt, pad_hw):
     # diffusers CogVideoXCausalConv3d: cat of kt - 1 first-frame copies, conv_cache = last kt - 1 frames (clone);
-    # the spatial zero padding its Conv3d does is an explicit F.pad here, so the output equals ours.
+    # its Conv3d pads H and W inside the convolution, so no F.pad is run here unless the op is asked to pad
     h = torch.cat([h[:, :, :1]] * (kt - 1) + [h], dim=2)
     cache = h[:, :, h.shape[2] - (kt - 1):].clone()
-    return F.pad(h, (pad_hw[1], pad_hw[1], pad_hw[0], pad_hw[0])), cache
+    if pad_hw[0] or pad_hw[1]:
+        h = F.pad(h, (pad_hw[1], pad_hw[1], pad_hw[0], pad_hw[0]))
+    return h, cache
 
 
 def _vae_case(op: str, ctx: Context, zq: bool = False) -> Case:
     B, C, T, H, W = (FULL if ctx.full else SMALL)["vae"]
-    kt, pad_hw, groups = 3, (1, 1), 32 if C >= 32 else C
+    kt, pad_hw, groups = 3, VAE_PAD_HW, 32 if C >= 32 else C
     item = torch.tensor([], dtype=ctx.dtype).element_size()
     if op == "causal_pad3d":
         nbytes = flops.causal_pad3d_bytes(B, C, T, H, W, kt, pad_hw, item)
@@ -272,7 +289,7 @@ def _vae_case(op: str, ctx: Context, zq: bool = False) -> Case:
                 + _variants(ctx, "compile", comp, leaves(), first, nbytes)
                 + _variants(ctx, "ours", ours, leaves(), first, nbytes, backend=backend, skip=why))
 
-    return Case(f"{name} vae", shape, build, est_bytes=_est_bytes(nbytes))
+    return Case(f"{name} vae {_tag(B, C, T, H, W)}", shape, build, est_bytes=_est_bytes(nbytes))
 
 
 def cases(ctx: Context) -> list[Case]:
@@ -293,3 +310,103 @@ def notes(ctx: Context) -> list[str]:
 
 SUITE = Suite("kernels", "fused ops fwd/bwd/fwd+bwd vs diffusers' eager ops and torch.compile (GB/s, % of copy)",
               cases, notes)
+
+
+# ---- static: what the sm_90 builds at the real launch arguments predict (no GPU needed) -------------------------
+
+def _meta(*shape, dtype=torch.bfloat16):
+    return torch.empty(*shape, device="meta", dtype=dtype)
+
+
+def static_cases(models=("2b", "5b")) -> list[tuple]:
+    """(op, model/shape tag, pass, launcher, args, minimum bytes) at CogVideoX's shapes, bf16 on meta tensors: the
+    arguments the model's own calls pass (rope3d gets the strided q slice of the fused QKV output; the VAE ops run
+    as cogvideox.vae calls them, on the first decoder chunk at 480 x 720 and on the latent-resolution block)."""
+    import sys
+
+    import kernels  # noqa: F401  (imports the modules the launchers live in)
+    ea, rp = sys.modules["kernels.expert_adaln"], sys.modules["kernels.rope3d"]
+    cp, gn = sys.modules["kernels.causal_pad3d"], sys.modules["kernels.group_norm_silu_pad"]
+    B, L, grid = FULL["batch"], FULL["text_len"], FULL["grid"]
+    S = L + grid[0] * grid[1] * grid[2]
+    out = []
+    for m in models:
+        D, H = DIT[m]["dim"], DIT[m]["heads"]
+        x, mod, w = _meta(B, S, D), _meta(B, 2, D), _meta(D)
+        tag = f"{m} {B}x{S}x{D}"
+        nb = flops.expert_adaln_bytes(B, S, D, 2)
+        out += [("expert_adaln", tag, "fwd", ea.expert_adaln_fwd, (x, None, None, mod, mod, L, w, w, 1e-5), nb["fwd"]),
+                ("expert_adaln", tag, "bwd", ea.expert_adaln_bwd, (x, None, x, None, None, mod, L, w, w, 1e-5),
+                 nb["bwd"])]
+        nb = flops.expert_adaln_residual_bytes(B, S, D, 2)
+        out += [("expert_adaln_residual", tag, "fwd", ea.expert_adaln_fwd, (x, x, mod, mod, mod, L, w, w, 1e-5),
+                 nb["fwd"]),
+                ("expert_adaln_residual", tag, "bwd", ea.expert_adaln_bwd, (x, x, x, x, mod, mod, L, w, w, 1e-5),
+                 nb["bwd"])]
+        Dh = D // H
+        q = _meta(B, S, 3, H, Dh)[:, :, 0]                       # (B, S, H, Dh), the model's strided q slice
+        start, step, wq = _meta(3, dtype=torch.float32), _meta(3, dtype=torch.float32), _meta(Dh)
+        axes = rp.default_axes_dim(Dh)
+        nb = flops.rope3d_bytes(B, S, H, Dh)
+        tag = f"{m} {B}x{S}x{H}x{Dh} qkv-slice"
+        out += [("rope3d", tag, "fwd", rp.rope3d_fwd, (q, L, grid, start, step, 10000.0, axes, wq, wq, 1e-6),
+                 nb["fwd"]),
+                ("rope3d", tag, "bwd", rp.rope3d_bwd,
+                 (_meta(B, S, H, Dh), q, L, grid, start, step, 10000.0, axes, wq, wq, 1e-6), nb["bwd"])]
+    for shape, groups in (((1, 128, 9, 480, 720), 32), ((1, 512, 3, 60, 90), 32)):
+        Bv, C, T, Hv, Wv = shape
+        ph = VAE_PAD_HW
+        xs, tag = _meta(*shape), "x".join(map(str, shape))
+        Tp, Ho, Wo = T + 2, Hv + 2 * ph[0], Wv + 2 * ph[1]
+        dout, dnc = _meta(Bv, C, Tp, Ho, Wo), None          # as the bench: a gradient for out alone
+        nb = flops.causal_pad3d_bytes(Bv, C, T, Hv, Wv, 3, ph)
+        out += [("causal_pad3d", f"{tag} pad{ph[0]}", "fwd", cp.causal_pad3d_fwd, (xs, 3, None, *ph, "first"),
+                 nb["fwd"]),
+                ("causal_pad3d", f"{tag} pad{ph[0]}", "bwd", cp.causal_pad3d_bwd,
+                 (dout, dnc, T, 3, *ph, "first", False), nb["bwd"])]
+        cw, mean = _meta(C), _meta(Bv, groups, dtype=torch.float32)
+        nb = flops.group_norm_silu_pad_bytes(Bv, C, T, Hv, Wv, 3, ph, zq=True)
+        out += [("group_norm_silu_pad+zq", f"{tag} pad{ph[0]}", "fwd", gn.group_norm_silu_pad_fwd,
+                 (xs, groups, cw, cw, 1e-6, 3, None, *ph, xs, xs, True), nb["fwd"]),
+                ("group_norm_silu_pad+zq", f"{tag} pad{ph[0]}", "bwd", gn.group_norm_silu_pad_bwd,
+                 (dout, dnc, xs, cw, cw, xs, xs, mean, mean, groups, 3, False, *ph, True), nb["bwd"])]
+    return out
+
+
+def static_rows(models=("2b", "5b"), filter: str | None = None) -> list[dict]:
+    """One row per (op, shape, pass): the launches' builds summed up (see kernels._static)."""
+    from kernels import _static
+    rows = []
+    for op, tag, pass_, launcher, args, must in static_cases(models):
+        if filter and filter not in f"{op} {tag}":
+            continue
+        builds = _static.inspect_launcher(launcher, *args)
+        moved = sum(b.bytes_moved for b in builds)
+        rows.append({"op": op, "shape": tag, "pass": pass_, "builds": builds, "must": must, "moved": moved,
+                     "passes": _static.passes(builds)})
+    return rows
+
+
+def format_static(rows: list[dict]) -> str:
+    """The static table: per launch registers, spills, warps, resident programs per SM (H100), SASS global access
+    widths; per op the minimum bytes against the bytes its launches move (the copy-bandwidth bound)."""
+    from kernels._static import widths
+    head = ("| op | shape | pass | kernel | grid | warps | regs | spill | smem | progs/SM | LDG bits x n | "
+            "STG bits x n | MB moved | MB min | min/moved |")
+    lines = ["sm_90 builds at CogVideoX's launch arguments, bf16, as triton's launcher specializes them "
+             "(kernels._static); nothing ran on a GPU: these are predictions.",
+             "progs/SM: resident programs per H100 SM; LDG / STG: global loads / stores in the SASS by width; "
+             "MB moved: per launch, one pass over each tensor it loads or stores as blocks; MB min: the op's minimum "
+             "(bench/flops.py); min/moved: the % of copy bandwidth the op reaches if every pass streams at copy speed.",
+             "", head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        for i, b in enumerate(r["builds"]):
+            first = i == 0
+            lines.append("| " + " | ".join([
+                r["op"] if first else "", r["shape"] if first else "", r["pass"] if first else "", b.name,
+                "x".join(map(str, b.grid)), str(b.num_warps), str(b.n_regs),
+                "yes" if b.spills else "no", str(b.shared), str(b.resident), widths(b.ldg), widths(b.stg),
+                f"{b.bytes_moved / 1e6:.0f}",
+                f"{r['must'] / 1e6:.0f}" if first else "",
+                f"{r['must'] / max(r['moved'], 1):.0%}" if first else ""]) + " |")
+    return "\n".join(lines)
