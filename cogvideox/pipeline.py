@@ -346,18 +346,20 @@ def atomic_output(path: str, folder: bool = False):
     os.makedirs(parent, exist_ok=True)
     root, ext = os.path.splitext(name) if not folder else (name, "")
     tmp = os.path.join(parent, f".{root}.partial-{os.getpid()}{ext}")
+    old = os.path.join(parent, f".{root}.old-{os.getpid()}")
     if folder:
         os.makedirs(tmp)
     try:
         yield tmp
         if folder and os.path.isdir(path):   # a previous frame folder (check_output allows only frames in it)
-            old = os.path.join(parent, f".{root}.old-{os.getpid()}")
             os.rename(path, old)
             os.rename(tmp, path)
             shutil.rmtree(old)
         else:
             os.replace(tmp, path)
     except BaseException:
+        if os.path.isdir(old) and not os.path.exists(path):   # the previous folder goes back where it was
+            os.rename(old, path)
         if os.path.isdir(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
         elif os.path.exists(tmp):
