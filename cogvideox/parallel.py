@@ -424,3 +424,242 @@ def reduce_gradients(parameters, pm: ParallelMesh | None) -> None:
     for p in parameters:
         if p.grad is not None:
             dist.all_reduce(p.grad, op=dist.ReduceOp.SUM, group=pm.seq_group)
+
+
+
+# ---- the VAE across ranks -----------------------------------------------------------------------------------------
+# The VAE's ranks are the vae group (the first `vae` ranks of the world), laid out as temporal x spatial: vae rank
+# i = ti * spatial + si (= its global rank). Halos and GroupNorm statistics travel point to point between global
+# ranks (isend / irecv): no new process group is needed (new_group is collective over the whole world, whose other
+# ranks never call the VAE), and a rank with no chunk in a round simply takes no part. Every transfer is
+# differentiable with its exact adjoint (the reverse transfer), so encode can be trained under the split.
+@dataclass
+class VAESplit:
+    """One rank's place in a split VAE run: `temporal` x `spatial` ranks, this one (ti, si); `group` the vae group.
+    peers: the global ranks whose GroupNorm statistics are merged with this rank's, in merge order (the ranks
+    sharing ti, or all of them for whole-video statistics); None: statistics stay local. sent: bytes sent so far."""
+    temporal: int
+    spatial: int
+    ti: int
+    si: int
+    group: object
+    peers: Optional[tuple] = None
+    sent: int = 0
+
+    def rank_of(self, ti: int, si: int) -> int:
+        return ti * self.spatial + si
+
+
+def _p2p(sends, recvs, dtype, device):
+    """Post every isend [(dst, tensor)] and irecv [(src, shape)] together, then wait: -> the received tensors. At
+    most one message per ordered pair per call, so the pairing of messages never depends on tags."""
+    got = [torch.empty(shape, dtype=dtype, device=device) for _, shape in recvs]
+    ops = [dist.P2POp(dist.isend, t.contiguous(), dst) for dst, t in sends]
+    ops += [dist.P2POp(dist.irecv, g, src) for (src, _), g in zip(recvs, got)]
+    if ops:
+        for work in dist.batch_isend_irecv(ops):
+            work.wait()
+    return got
+
+
+class _Exchange(torch.autograd.Function):
+    """forward: send tensors[j] to dsts[j] and receive a tensor of shapes[k] from srcs[k] -> (carrier, *received).
+    backward: the reverse transfer: received tensors' gradients go back to their sources, sent tensors' gradients
+    come back from their destinations. `carrier` passes through unchanged; it is a tensor the caller uses anyway, so
+    the backward of an exchange that only sends still runs (autograd skips a node none of whose outputs is used)."""
+
+    @staticmethod
+    def forward(ctx, carrier, dsts, srcs, shapes, split, *tensors):
+        ctx.dsts, ctx.srcs, ctx.shapes, ctx.sent_shapes = dsts, srcs, shapes, [tuple(t.shape) for t in tensors]
+        split.sent += sum(t.numel() * t.element_size() for t in tensors)
+        got = _p2p(list(zip(dsts, tensors)), list(zip(srcs, shapes)), carrier.dtype, carrier.device)
+        return (carrier.view_as(carrier), *got)
+
+    @staticmethod
+    def backward(ctx, dcarrier, *dgot):
+        sends = [(src, dcarrier.new_zeros(shape) if g is None else g)
+                 for src, g, shape in zip(ctx.srcs, dgot, ctx.shapes)]
+        dsent = _p2p(sends, list(zip(ctx.dsts, ctx.sent_shapes)), dcarrier.dtype, dcarrier.device)
+        return (dcarrier, None, None, None, None, *dsent)
+
+
+def exchange(carrier: torch.Tensor, split: VAESplit, sends: Sequence = (), recvs: Sequence = ()):
+    """Point-to-point transfer in the VAE group: sends [(global dst, tensor)], recvs [(global src, shape)], every
+    tensor in carrier's dtype -> (carrier, [received]). Differentiable when grad mode is on (see _Exchange)."""
+    dsts, tensors = [d for d, _ in sends], [t for _, t in sends]
+    srcs, shapes = [s for s, _ in recvs], [tuple(shape) for _, shape in recvs]
+    if torch.is_grad_enabled() and (carrier.requires_grad or any(t.requires_grad for t in tensors)):
+        out = _Exchange.apply(carrier, dsts, srcs, shapes, split, *tensors)
+        return out[0], list(out[1:])
+    split.sent += sum(t.numel() * t.element_size() for t in tensors)
+    return carrier, _p2p(list(zip(dsts, tensors)), list(zip(srcs, shapes)), carrier.dtype, carrier.device)
+
+
+def halo_rows(x: torch.Tensor, split: VAESplit, top: int, bottom: int) -> torch.Tensor:
+    """x: (..., h, W), this rank's rows of a frame split over the spatial ranks -> (..., top + h + bottom, W): `top`
+    rows of the rank above and `bottom` rows of the rank below in front and behind, zeros past the frame's edge
+    (the zero padding one process would have there)."""
+    s, si = split.spatial, split.si
+    if s == 1:
+        return F.pad(x, (0, 0, top, bottom))
+    sends, recvs, where = [], [], []
+    up, down = split.rank_of(split.ti, si - 1), split.rank_of(split.ti, si + 1)
+    if si > 0:
+        if bottom:
+            sends.append((up, x[..., :bottom, :]))      # my first rows are the upper rank's bottom halo
+        if top:
+            recvs.append((up, (*x.shape[:-2], top, x.shape[-1])))
+            where.append("top")
+    if si < s - 1:
+        if top:
+            sends.append((down, x[..., x.shape[-2] - top:, :]))
+        if bottom:
+            recvs.append((down, (*x.shape[:-2], bottom, x.shape[-1])))
+            where.append("bottom")
+    x, got = exchange(x, split, sends, recvs)
+    halos = dict(zip(where, got))
+    parts = [halos.get("top", x.new_zeros((*x.shape[:-2], top, x.shape[-1])))] if top else []
+    parts.append(x)
+    if bottom:
+        parts.append(halos.get("bottom", x.new_zeros((*x.shape[:-2], bottom, x.shape[-1]))))
+    return torch.cat(parts, dim=-2) if len(parts) > 1 else x
+
+
+def group_stats(x: torch.Tensor, num_groups: int, eps: float, split: VAESplit):
+    """GroupNorm statistics of x (B, C, ...) over every rank in split.peers -> mean, rstd: (B, G) fp32.
+
+    Each rank sends its (count, mean, biased variance) per group to the others, and every rank merges them in the
+    same fixed order with Chan et al.'s pairwise formula in fp64 (the shifted form: no sum of squares cancels), so
+    all peers get the same bits, within rounding of one process's fp32 var_mean over the whole group."""
+    B = x.shape[0]
+    var, mean = torch.var_mean(x.float().reshape(B, num_groups, -1), dim=-1, unbiased=False)   # (B, G)
+    count = x[0].numel() // num_groups
+    mine = torch.stack([torch.full_like(mean, count), mean, var], dim=-1).double()              # (B, G, 3)
+    me = split.rank_of(split.ti, split.si)
+    others = [p for p in split.peers if p != me]
+    _, got = exchange(mine, split, [(p, mine) for p in others], [(p, mine.shape) for p in others])
+    stats = dict(zip(others, got))
+    stats[me] = mine
+    n, m, M2 = None, None, None
+    for p in split.peers:                                 # fixed order: the same result on every peer
+        n_p, m_p, v_p = stats[p].unbind(-1)
+        if n is None:
+            n, m, M2 = n_p, m_p, v_p * n_p
+            continue
+        total = n + n_p
+        delta = m_p - m
+        m = m + delta * (n_p / total)
+        M2 = M2 + v_p * n_p + delta * delta * (n * n_p / total)
+        n = total
+    return m.float(), torch.rsqrt((M2 / n).float() + eps)
+
+
+class _Pieces(torch.autograd.Function):
+    """forward: this rank's pieces x[:, :, t0:t1, h0:h1] of a tensor every rank holds whole; backward: the whole
+    gradient on every rank, the sum over the group of each rank's zero-filled piece gradients (one all-reduce)."""
+
+    @staticmethod
+    def forward(ctx, x, boxes, group):
+        ctx.shape, ctx.boxes, ctx.group = x.shape, boxes, group
+        return tuple(x[:, :, t0:t1, h0:h1].clone() for t0, t1, h0, h1 in boxes)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        ref = next(g for g in grads if g is not None)
+        full = ref.new_zeros(ctx.shape)
+        for (t0, t1, h0, h1), g in zip(ctx.boxes, grads):
+            if g is not None:
+                full[:, :, t0:t1, h0:h1] += g
+        dist.all_reduce(full, op=dist.ReduceOp.SUM, group=ctx.group)
+        return full, None, None
+
+
+def split_input(x: torch.Tensor, boxes: Sequence, split: VAESplit) -> list:
+    """This rank's pieces [(t0, t1, h0, h1)] of x (B, C, T, H, W), which every rank holds whole. With autograd, x's
+    gradient is whole on every rank."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        return list(_Pieces.apply(x, list(boxes), split.group))
+    return [x[:, :, t0:t1, h0:h1] for t0, t1, h0, h1 in boxes]
+
+
+def _assemble(parts, place, shape):
+    """The whole tensor of `shape` from every rank's flat buffer (parts) and its pieces' places [((t0, h0), shape)]."""
+    out = parts[0].new_empty(shape)
+    for part, boxes in zip(parts, place):
+        offset = 0
+        for (t0, h0), s in boxes:
+            n = math.prod(s)
+            out[:, :, t0:t0 + s[2], h0:h0 + s[3]] = part[offset:offset + n].view(s)
+            offset += n
+    return out
+
+
+def _flat(pieces, place):
+    """This rank's pieces flattened into one buffer, zero-padded to the longest rank's (all-gather needs one size)."""
+    flat = torch.cat([p.reshape(-1) for p in pieces])
+    longest = max(sum(math.prod(s) for _, s in boxes) for boxes in place)
+    return F.pad(flat, (0, longest - flat.numel()))
+
+
+class _GatherPieces(torch.autograd.Function):
+    """forward: every rank's output pieces assembled into the whole tensor on every rank (one all-gather of the
+    pieces flattened and padded to the longest rank's); backward: this rank's pieces of the gradient (every rank
+    holds the same downstream gradient, so slicing is the exact adjoint), no communication."""
+
+    @staticmethod
+    def forward(ctx, layout, my_boxes, group, *pieces):
+        shape, place = layout
+        flat = _flat(pieces, place)
+        parts = [torch.empty_like(flat) for _ in place]
+        dist.all_gather(parts, flat, group=group)
+        ctx.my_boxes = my_boxes
+        return _assemble(parts, place, shape)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return (None, None, None, *(grad[:, :, t0:t0 + s[2], h0:h0 + s[3]] for (t0, h0), s in ctx.my_boxes))
+
+
+def gather_pieces(pieces: Sequence, keys: Sequence, split: VAESplit, everywhere: bool = True):
+    """Assemble the whole output (B, C, T, H, W) from every rank's pieces. keys[j] = (chunk index, spatial index)
+    of pieces[j]; a piece's place follows from every rank's keys and shapes (one all_gather_object). everywhere:
+    every rank gets the whole tensor (differentiable); else rank 0 of the group gets it and the others None."""
+    mine = [(k, tuple(p.shape)) for k, p in zip(keys, pieces)]
+    every = [None] * dist.get_world_size(split.group)
+    dist.all_gather_object(every, mine, group=split.group)
+    frames, rows = {}, {}
+    for boxes in every:
+        for (c, si), s in boxes:
+            frames[c], rows[si] = s[2], s[3]
+    t_at = {c: sum(frames[j] for j in sorted(frames) if j < c) for c in frames}
+    h_at = {si: sum(rows[j] for j in sorted(rows) if j < si) for si in rows}
+    B, C, _, _, W = pieces[0].shape
+    shape = (B, C, sum(frames.values()), sum(rows.values()), W)
+    place = [[((t_at[c], h_at[si]), s) for (c, si), s in boxes] for boxes in every]
+    my_boxes = [((t_at[c], h_at[si]), tuple(p.shape)) for (c, si), p in zip(keys, pieces)]
+    if everywhere:
+        return _GatherPieces.apply((shape, place), my_boxes, split.group, *pieces)
+    flat = _flat(pieces, place)
+    parts = [torch.empty_like(flat) for _ in place] if split.rank_of(split.ti, split.si) == 0 else None
+    dist.gather(flat, parts, dst=0, group=split.group)   # the vae group's rank 0 is global rank 0
+    return None if parts is None else _assemble(parts, place, shape)
+
+
+def check_same_vae(split: VAESplit, what: str, value) -> None:
+    """ParallelError unless every rank of the VAE group passes the same `value` (checked up front, so disagreeing
+    ranks fail with a message instead of hanging in a transfer)."""
+    values = [None] * dist.get_world_size(split.group)
+    dist.all_gather_object(values, value, group=split.group)
+    if any(v != values[0] for v in values):
+        raise ParallelError(f"VAE ranks disagree on {what}: "
+                            + "; ".join(f"rank {i}: {v!r}" for i, v in enumerate(values)))
+
+
+def reduce_vae_gradients(parameters, pm: ParallelMesh | None) -> None:
+    """Sum every parameter's gradient over the VAE group after a split encode / decode backward (each rank saw only
+    its pieces), in place; then they equal one process's. No-op without a mesh, with vae=1, or outside the group."""
+    if pm is None or pm.settings.vae == 1 or pm.vae_group is None:
+        return
+    for p in parameters:
+        if p.grad is not None:
+            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM, group=pm.vae_group)

@@ -14,6 +14,9 @@ Everything that parity depends on is in ../shared/reference/diffusers-cogvideox.
   runs every frame as one chunk instead, i.e. whole-video statistics (the paper's context-parallel training);
 - spatial tiling uses diffusers' tile sizes, overlaps and linear blending; here it is switched on automatically
   when one untiled chunk would not fit the memory budget.
+- across ranks (`parallel=`, `split_run`): chunks run round-robin on temporal ranks in lock-step, each causal
+  conv's cache arriving from the rank of the previous chunk; rows split over spatial ranks with row halos and
+  GroupNorm statistics merged over them. The collectives are in cogvideox/parallel.py.
 Module names follow the checkpoint keys, so `load_vae` loads a diffusers directory as is.
 """
 from __future__ import annotations
@@ -28,6 +31,7 @@ import torch.nn.functional as F
 
 from kernels import causal_pad3d, causal_pad3d_ref, group_norm_silu_pad, group_norm_silu_pad_ref
 
+from . import parallel as cp
 from .config import VAEConfig
 from .scheduler import randn
 from .weights import assign_state, check_dtype, check_state_dict, parse_config, read_config, read_state_dict
@@ -58,7 +62,11 @@ def _conv3d(x, weight, bias, stride=(1, 1, 1), padding=(0, 0, 0)):
 
 class _Chunk:
     """One temporal chunk's state: the causal-conv caches carried in from the previous chunk (nothing is kept after
-    the last one), the latents the decoder's SpatialNorms condition on, and the padding ops to run."""
+    the last one), the latents the decoder's SpatialNorms condition on, and the padding ops to run. In a run split
+    over ranks, `split` is this rank's place (cogvideox.parallel.VAESplit) and `link` the chunk's temporal
+    neighbours (_Link); both None in one process."""
+    split = None
+    link = None
 
     def __init__(self, caches: dict, last: bool, use_kernels, zq=None):
         self.caches, self.last, self.zq = caches, last, zq
@@ -92,6 +100,9 @@ class CausalConv3d(nn.Module):
         k = self.kernel_size
         if k == 1:   # pointwise (SpatialNorm's conv_y, conv_b): nothing to pad, nothing to cache
             return _conv3d(x, self.conv.weight, self.conv.bias)
+        if chunk.split is not None:
+            x, padding = _split_pad(self, x, chunk, norm)
+            return _conv3d(x, self.conv.weight, self.conv.bias, padding=padding)
         pad, cache = (k - 1) // 2, chunk.caches.pop(self, None)
         pad_hw = (0, 0)                                       # H and W are padded by the conv
         if norm is None:
@@ -120,6 +131,82 @@ class SpatialNorm3D(nn.Module):
         """f: (B, C, T, H, W) -> scale, shift: (B, C, T, H, W)."""
         zq = chunk.zq_like(f)
         return self.conv_y(zq, chunk), self.conv_b(zq, chunk)
+
+
+@dataclass
+class _Link:
+    """A chunk's temporal neighbours in a run split over ranks (global ranks, None: none). send_to: the rank of the
+    next chunk, which gets this chunk's last k_t - 1 conv input frames at every causal conv (what the cache would
+    hold). recv_from: the rank that sends them here. recv_now: they are this chunk's front frames (the previous
+    chunk ran in the same round), else they are the next round's (the first temporal rank receives, during round
+    k, the front frames of its round k + 1 chunk) and kept in `stored`, keyed by conv."""
+    send_to: int | None
+    recv_from: int | None
+    recv_now: bool
+    stored: dict
+
+
+def _norm_silu(x, norm, chunk: _Chunk):
+    """SiLU(GroupNorm(x)) (SpatialNorm: modulated first) with statistics merged over chunk.split.peers, in fp32 like
+    group_norm_silu_pad_ref, cast back to x's dtype. x: (B, C, T, h, W) -> same."""
+    gn, scale, shift = norm, None, None
+    if isinstance(norm, SpatialNorm3D):
+        gn, (scale, shift) = norm.norm_layer, norm.modulation(x, chunk)
+    B, C, G = x.shape[0], x.shape[1], gn.num_groups
+    mean, rstd = cp.group_stats(x, G, gn.eps, chunk.split)                           # (B, G) each
+    # ATen's GroupNorm arithmetic: x * (rstd * weight) + (bias - mean * rstd * weight), per (sample, channel)
+    a = (rstd.repeat_interleave(C // G, dim=1) * gn.weight.float()).view(B, C, 1, 1, 1)
+    b = (gn.bias.float() - mean.repeat_interleave(C // G, dim=1) * a.view(B, C)).view(B, C, 1, 1, 1)
+    h = x.float() * a + b
+    if scale is not None:
+        h = h * scale.float() + shift.float()
+    return F.silu(h).to(x.dtype)
+
+
+def _split_pad(conv: CausalConv3d, x, chunk: _Chunk, norm):
+    """CausalConv3d's input in a run split over ranks -> (input (B, Cin, T + k - 1, h', W), the conv's padding):
+    temporally padded as in one process; H and W are padded by the conv, as in one process, except where rows
+    are split (h' = h + k - 1 with the halo rows, and the conv pads W alone).
+
+    Temporal split: the pad runs as in a first chunk, then its front frames are replaced by the previous chunk's
+    last k_t - 1 (normalised) input frames, received from its rank, and this chunk's go to the next chunk's rank:
+    the same tensor a one-process chunked run pads with its cache, so GroupNorm stays per chunk and exact.
+    Spatial split (rows over ranks): statistics merged over the ranks that share the chunk (or over every rank for
+    whole-video statistics), then the time-padded input gets a halo of the conv's reach in rows from the ranks above
+    and below (zeros at the frame's edge)."""
+    k, split, link = conv.kernel_size, chunk.split, chunk.link
+    kt, p = k - 1, (k - 1) // 2
+    cache = chunk.caches.pop(conv, None)
+    if norm is not None and split.peers is None:           # statistics local: the fused kernel
+        gn, scale, shift = norm, None, None
+        if isinstance(norm, SpatialNorm3D):
+            gn, (scale, shift) = norm.norm_layer, norm.modulation(x, chunk)
+        a, tail = chunk.norm_pad(x, gn.num_groups, gn.weight, gn.bias, gn.eps, k, cache, (0, 0), scale, shift)
+        del scale, shift
+    else:
+        a, tail = chunk.pad(x if norm is None else _norm_silu(x, norm, chunk), k, cache, (0, 0), "first")
+    if not chunk.last:
+        chunk.caches[conv] = tail
+    if link is not None:
+        if x.shape[2] < kt:   # the cache would then hold front frames too; chunks of a split run are longer
+            raise ValueError(f"a temporally split chunk needs at least {kt} frames at every causal conv, got "
+                             f"{x.shape[2]}")
+        front = None if link.recv_now else link.stored.pop(conv, None)
+        sends = [(link.send_to, tail)] if link.send_to is not None else []
+        recvs = [(link.recv_from, tuple(tail.shape))] if link.recv_from is not None else []
+        a, got = cp.exchange(a, split, sends, recvs)
+        if got and link.recv_now:
+            front = got[0]
+        elif got:
+            link.stored[conv] = got[0]
+        if front is not None:
+            if torch.is_grad_enabled() and (a.requires_grad or front.requires_grad):
+                a = torch.cat([front, a[:, :, kt:]], dim=2)
+            else:
+                a[:, :, :kt] = front
+    if split.spatial > 1:
+        return cp.halo_rows(a, split, p, p), (0, 0, p)
+    return a, (0, p, p)
 
 
 class ResnetBlock3D(nn.Module):
@@ -151,13 +238,16 @@ class Downsample3D(nn.Module):
         self.compress_time = compress_time
         self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
 
-    def forward(self, x):   # (B, C, T, H, W) -> (B, C, T', H/2, W/2); T' = (T + 1) // 2 if compress_time
+    def forward(self, x, chunk=None):   # (B, C, T, H, W) -> (B, C, T', H/2, W/2); T' = (T + 1) // 2 if compress_time
         # Pair means written out: the same bits as diffusers' avg_pool1d (halving is exact), no permute copies.
         if self.compress_time and x.shape[2] % 2 == 1:
             x = torch.cat([x[:, :, :1], (x[:, :, 1::2] + x[:, :, 2::2]) * 0.5], dim=2) if x.shape[2] > 1 else x
         elif self.compress_time:
             x = (x[:, :, 0::2] + x[:, :, 1::2]) * 0.5
-        x = F.pad(x, (0, 1, 0, 1))
+        if chunk is not None and chunk.split is not None and chunk.split.spatial > 1:
+            x = F.pad(cp.halo_rows(x, chunk.split, 0, 1), (0, 1))   # the row below is the next rank's first
+        else:
+            x = F.pad(x, (0, 1, 0, 1))
         # A per-frame Conv2d is a conv3d with a 1x3x3 kernel: no (B, C, T) -> (B*T, C) permute copies.
         return _conv3d(x, self.conv.weight[:, :, None], self.conv.bias, stride=(1, 2, 2))
 
@@ -171,7 +261,7 @@ class Upsample3D(nn.Module):
         self.compress_time = compress_time
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
-    def forward(self, x):   # (B, C, T, H, W) -> (B, C, T', 2H, 2W)
+    def forward(self, x, chunk=None):   # (B, C, T, H, W) -> (B, C, T', 2H, 2W)
         # Nearest upsampling is a gather. Time: an index map giving the frames diffusers' split, interpolate and cat
         # give (odd T: 0, 1, 1, 2, 2, ...; even T: 0, 0, 1, 1, ...). H, W: a broadcast copy, which unlike
         # upsample_nearest3d has no INT_MAX output limit (pytorch#144855; 2.4e9 elements at 768 x 1360).
@@ -181,6 +271,9 @@ class Upsample3D(nn.Module):
             x = x.index_select(2, (t_out + 1) // 2 if T % 2 else t_out // 2)
         B, C, T, H, W = x.shape
         x = x[:, :, :, :, None, :, None].expand(B, C, T, H, 2, W, 2).reshape(B, C, T, 2 * H, 2 * W)
+        if chunk is not None and chunk.split is not None and chunk.split.spatial > 1:   # rows split over ranks
+            x = cp.halo_rows(x, chunk.split, 1, 1)
+            return _conv3d(x, self.conv.weight[:, :, None], self.conv.bias, padding=(0, 0, 1))
         return _conv3d(x, self.conv.weight[:, :, None], self.conv.bias, padding=(0, 1, 1))
 
 
@@ -193,7 +286,7 @@ class DownBlock3D(nn.Module):
     def forward(self, x, chunk):
         for resnet in self.resnets:
             x = resnet(x, chunk)
-        return x if self.downsamplers is None else self.downsamplers[0](x)
+        return x if self.downsamplers is None else self.downsamplers[0](x, chunk)
 
 
 class UpBlock3D(nn.Module):
@@ -205,7 +298,7 @@ class UpBlock3D(nn.Module):
     def forward(self, x, chunk):
         for resnet in self.resnets:
             x = resnet(x, chunk)
-        return x if self.upsamplers is None else self.upsamplers[0](x)
+        return x if self.upsamplers is None else self.upsamplers[0](x, chunk)
 
 
 class Encoder3D(nn.Module):
@@ -329,24 +422,35 @@ class CogVideoXVAE(nn.Module):
         self.decoder = Decoder3D(config)
 
     def encode(self, video: torch.Tensor, tiling: bool | None = None, memory_budget: int | None = None,
-               exact_groupnorm: bool = False) -> DiagonalGaussian:
+               exact_groupnorm: bool = False, parallel: cp.ParallelMesh | None = None,
+               layout: tuple[int, int] | None = None, everywhere: bool = True) -> DiagonalGaussian | None:
         """video: (B, 3, T, H, W) in [-1, 1], H and W multiples of 8 -> posterior over (B, 16, F, H/8, W/8).
 
         tiling: None = only when one untiled chunk would exceed `memory_budget` (bytes; default: free memory of
         video's device); True = whenever the frame is larger than a tile (diffusers' enable_tiling); False = never.
         exact_groupnorm: GroupNorm statistics over all frames instead of per chunk (holds every frame at once;
         when tiled, over all frames of one tile).
+        parallel: a ParallelMesh: the work is split over its VAE group (`split_run`; layout and everywhere are
+        its arguments); ranks outside the group return None at once.
         """
         x = self._check(video, "video", self.config.in_channels, spatial_multiple=self.config.spatial_compression)
-        h = self._run("encode", x, tiling, memory_budget, exact_groupnorm)
+        if parallel is not None:
+            h = self.split_run("encode", x, parallel, layout, exact_groupnorm, tiling, memory_budget, everywhere)
+            if h is None:
+                return None
+        else:
+            h = self._run("encode", x, tiling, memory_budget, exact_groupnorm)
         mean, logvar = h.chunk(2, dim=1)
         return DiagonalGaussian(mean, logvar)
 
     def decode(self, latents: torch.Tensor, tiling: bool | None = None, memory_budget: int | None = None,
-               exact_groupnorm: bool = False) -> torch.Tensor:
+               exact_groupnorm: bool = False, parallel: cp.ParallelMesh | None = None,
+               layout: tuple[int, int] | None = None, everywhere: bool = True) -> torch.Tensor | None:
         """latents: (B, 16, F, h, w), unscaled (divide by scaling_factor first) -> video (B, 3, T, 8h, 8w),
         T = 4F - 3 for odd F. Arguments as in `encode`."""
         z = self._check(latents, "latents", self.config.latent_channels)
+        if parallel is not None:
+            return self.split_run("decode", z, parallel, layout, exact_groupnorm, tiling, memory_budget, everywhere)
         return self._run("decode", z, tiling, memory_budget, exact_groupnorm)
 
     def _check(self, x, name, channels, spatial_multiple=1):
@@ -411,6 +515,99 @@ class CogVideoXVAE(nn.Module):
             outs.append(net(part, _Chunk(caches, n == len(spans) - 1, kernels,
                                          zq=part if net is self.decoder else None)))
         return torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
+
+    def split_layout(self, kind: str, shape, ranks: int, layout=None, exact_groupnorm: bool = False):
+        """How `ranks` ranks split encode ("encode") or decode ("decode") of an input of `shape`:
+        -> ((temporal, spatial), frame spans [(a, b)], row unit). Chunk i runs on temporal rank i % temporal (round
+        i // temporal); spatial ranks split the rows (latent rows for both, so every level stays aligned: the
+        encoder's stride-2 downsamplers and the decoder's 2x upsamplers see whole rows at every resolution).
+
+        layout None: the largest temporal degree dividing `ranks` that the chunks allow, the remainder spatial.
+        With exact_groupnorm the frames form one span per temporal rank instead of diffusers' chunks: the first
+        T % m + a multiple of m frames, the others multiples of m (m = 2 latents for decode, the temporal
+        compression for encode), which keeps the time resamplers' pairing that of the whole video. ValueError when
+        a degree exceeds what the input can split."""
+        if isinstance(ranks, bool) or not isinstance(ranks, int) or ranks < 1:
+            raise ValueError(f"ranks must be a positive int, got {ranks!r}")
+        _, _, size, _ = self._geometry(kind)
+        B, _, T, H, _ = shape
+        unit = 1 if kind == "decode" else self.config.spatial_compression
+        m = 2 if kind == "decode" else self.config.temporal_compression_ratio
+        rows = H // unit
+        most_t = max(T // m, 1) if exact_groupnorm else len(_frame_spans(T, size, False))
+        if layout is None:
+            t = max(d for d in range(1, ranks + 1) if ranks % d == 0 and d <= most_t)
+            layout = (t, ranks // t)
+        if (not isinstance(layout, (tuple, list)) or len(layout) != 2
+                or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in layout)):
+            raise ValueError(f"layout must be (temporal, spatial) positive ints, got {layout!r}")
+        t, s = layout
+        if t * s != ranks:
+            raise ValueError(f"layout {t} x {s} does not match the {ranks} VAE ranks")
+        if t > most_t:
+            raise ValueError(f"layout: {t} temporal ranks, but {kind} of {T} frames splits into at most {most_t} "
+                             f"temporal {'spans' if exact_groupnorm else 'chunks'}")
+        if s > rows:
+            raise ValueError(f"layout: {s} spatial ranks, but the frame has only {rows} latent rows to split")
+        if not exact_groupnorm:
+            spans = _frame_spans(T, size, False)
+        elif t == 1:
+            spans = [(0, T)]
+        else:
+            units, first = cp.shard_sizes(T // m, t), T % m
+            bounds = [0]
+            for i, u in enumerate(units):
+                bounds.append(bounds[-1] + u * m + (first if i == 0 else 0))
+            spans = list(zip(bounds, bounds[1:]))
+        return (t, s), spans, unit
+
+    def split_run(self, kind: str, x, pm: cp.ParallelMesh, layout=None, exact_groupnorm: bool = False,
+                  tiling: bool | None = None, memory_budget: int | None = None, everywhere: bool = True):
+        """encode's or decode's network output over the ranks of pm.vae_group (degree pm.settings.vae), equal to
+        one process's untiled run (the same per-chunk statistics and caches; merged statistics where rows split).
+
+        Every rank of the group passes the same whole input and joins; a rank outside the group returns None at
+        once (a no-op, so a pipeline may call it on every rank). everywhere: every group rank gets the whole
+        output (differentiable: encode can be trained split, gradients as in `cogvideox.parallel`: the input's is
+        whole on every rank, parameters' are partial, sum them over the group); else only rank 0, the others None.
+        Tiling: a split run is untiled on every rank (splitting is what cuts its memory), so tiling=True raises
+        instead of silently giving the untiled result; None and False run untiled. After the call,
+        `self.last_split` is this rank's cogvideox.parallel.VAESplit (layout, bytes sent)."""
+        if not isinstance(pm, cp.ParallelMesh):
+            raise TypeError(f"parallel must be a ParallelMesh (cogvideox.parallel.init_parallel), got "
+                            f"{type(pm).__name__}")
+        if pm.vae_group is None:
+            return None
+        if tiling:
+            raise ValueError("tiling=True cannot be combined with parallel=: a split run is untiled on every rank; "
+                             "pass tiling=None or False (the result is the untiled one)")
+        n = pm.settings.vae
+        if n == 1:
+            return self._run(kind, x, False, memory_budget, exact_groupnorm)
+        (t, s), spans, unit = self.split_layout(kind, x.shape, n, layout, exact_groupnorm)
+        ti, si = divmod(pm.rank, s)
+        peers = tuple(range(n)) if exact_groupnorm else (tuple(ti * s + j for j in range(s)) if s > 1 else None)
+        split = cp.VAESplit(t, s, ti, si, pm.vae_group, peers)
+        cp.check_same_vae(split, "the VAE call", (kind, tuple(x.shape), str(x.dtype), (t, s), exact_groupnorm,
+                                                  everywhere))
+        self.last_split = split
+        _, _, _, net = self._geometry(kind)
+        r0, r1 = cp.shard_ranges(x.shape[3] // unit, s)[si]
+        mine = list(range(ti, len(spans), t))                         # round-robin: chunk i on temporal rank i % t
+        kernels = x.is_cuda if self.use_kernels is None else self.use_kernels       # as _temporal
+        pieces = cp.split_input(x, [(*spans[i], r0 * unit, r1 * unit) for i in mine], split)
+        caches, stored, outs = {}, {}, []
+        for i, part in zip(mine, pieces):
+            chunk = _Chunk(caches, t > 1 or i == len(spans) - 1, kernels, zq=part if kind == "decode" else None)
+            chunk.split = split
+            if t > 1:
+                nxt = split.rank_of((ti + 1) % t, si) if i + 1 < len(spans) else None
+                if ti > 0:
+                    chunk.link = _Link(nxt, split.rank_of(ti - 1, si), True, stored)
+                else:
+                    chunk.link = _Link(nxt, split.rank_of(t - 1, si) if i + t < len(spans) else None, False, stored)
+            outs.append(net(part, chunk))
+        return cp.gather_pieces(outs, [(i, si) for i in mine], split, everywhere)
 
     def tile_grid(self, kind: str):
         """diffusers' tile geometry for `kind`: tile size and stride in the input's units, blend extent and kept

@@ -233,7 +233,7 @@ def test_bad_arguments_error_before_running(argv, message, tmp_path, capsys):
 def test_list_names_every_suite(capsys):
     assert main(["--list"]) == 0
     text = capsys.readouterr().out
-    for name in ("kernels", "attention", "model", "vae", "e2e", "parallel"):
+    for name in ("kernels", "attention", "model", "vae", "e2e", "parallel", "vae_parallel"):
         assert name in text
 
 
@@ -387,7 +387,8 @@ def cpu_run(tmp_path_factory):
 def test_cpu_run_of_every_suite(cpu_run):
     out, doc = cpu_run
     results.validate(doc)
-    assert set(doc["suites"]) == {"kernels", "attention", "model", "vae", "e2e", "train", "parallel"}
+    assert set(doc["suites"]) == {"kernels", "attention", "model", "vae", "e2e", "train", "parallel",
+                                 "vae_parallel"}
     assert doc["device"]["type"] == "cpu" and doc["size"] == "small"
     assert doc["ceilings"]["copy_gbps"] > 0 and doc["ceilings"]["matmul_tflops"] > 0
     assert doc["environment"]["git"]["commit"] and doc["telemetry"]["reason"]
