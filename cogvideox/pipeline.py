@@ -256,17 +256,13 @@ def check_size(num_frames: int, height: int, width: int, cfg, factors: VaeFactor
 
 def decode_latents(vae, latents: torch.Tensor, factors: VaeFactors, parallel=None) -> torch.Tensor | None:
     """(B, F, C, h, w) -> video (B, 3, T, H, W) in [-1, 1], as diffusers' decode_latents (1 / sf * latents).
-    parallel: decode across the mesh's VAE ranks when the VAE supports it (vae.decode(parallel=)), else on rank 0
-    alone; None on ranks that get no video."""
+    parallel: decode across the mesh's VAE ranks (its `vae` degree; vae=1: rank 0 alone); the video lands on rank 0,
+    None on the other ranks."""
     z = 1 / factors.scaling_factor * latents.permute(0, 2, 1, 3, 4)
     with torch.no_grad():
         if parallel is None:
             return vae.decode(z)
-        import inspect
-
-        if parallel.settings.vae > 1 and "parallel" in inspect.signature(vae.decode).parameters:
-            return vae.decode(z, parallel=parallel) if parallel.vae_group is not None else None
-        return vae.decode(z) if parallel.rank == 0 else None
+        return vae.decode(z, parallel=parallel, everywhere=False)
 
 
 # ---- output ------------------------------------------------------------------------------------------------
