@@ -13,8 +13,12 @@ import datetime as _dt
 import json
 import os
 import sys
+from typing import TYPE_CHECKING
 
 from . import results
+
+if TYPE_CHECKING:   # annotations only: importing runner imports torch
+    from .runner import Context
 
 # torch (and everything that imports it) is imported after the arguments are parsed: `--help` and argument errors
 # come back at once instead of after seconds of importing.
@@ -59,7 +63,7 @@ def _split(s: str | None) -> list[str]:
     return [x.strip() for x in (s or "").split(",") if x.strip()]
 
 
-def resolve(args, suites: dict) -> tuple[list, "Context"]:
+def resolve(args, suites: dict) -> tuple[list, Context]:
     """Turn arguments into (suites, context) or raise BenchArgumentError; nothing has run yet."""
     import torch
 
@@ -184,7 +188,7 @@ def _static(args) -> int:
     return 0
 
 
-def run(planned, ctx: "Context", argv: list[str], progress=None, threads: int | None = None) -> dict:
+def run(planned, ctx: Context, argv: list[str], progress=None, threads: int | None = None) -> dict:
     """Measure the ceilings, run every planned suite under telemetry, and return the results document."""
     import torch
 

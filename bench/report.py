@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from . import flops, paper
-from .runner import mem
+from .runner import CPU_NO_PEAK_MEM, SMALL_NO_CEILING, group_not_run, mem
 
 
 def _fmt(v, spec=".3f", none="-"):
@@ -16,8 +16,8 @@ def _fmt(v, spec=".3f", none="-"):
     return format(v, spec)
 
 
-def _mem(n):
-    return mem(n, none="-")
+def _mem(n, kind=None):
+    return "n/a" if n is None and kind == CPU_NO_PEAK_MEM else mem(n, none="-")
 
 
 def _shape(shape: dict) -> str:
@@ -33,17 +33,21 @@ def rows_table(rows: list[dict]) -> list[str]:
         pct = "-" if r.get("pct_of_ceiling") is None else f"{_fmt(r['pct_of_ceiling'], 'num')} ({r['ceiling']})"
         out.append(f"| {r['case']} | {r['impl']} | {r['pass']} | {r.get('backend') or '-'} | {r['median_ms']:.3f} | "
                    f"{r['p20_ms']:.3f}-{r['p80_ms']:.3f} | {_fmt(r.get('gbps'), 'num')} | "
-                   f"{_fmt(r.get('tflops'), 'num')} | {pct} | {_mem(r.get('peak_mem_bytes'))} |")
+                   f"{_fmt(r.get('tflops'), 'num')} | {pct} | "
+                   f"{_mem(r.get('peak_mem_bytes'), r.get('peak_mem_kind'))} |")
     return out
 
 
 def table8(rows: list[dict]) -> list[str]:
     """Ours vs the paper's Table 8: one DiT step per resolution and layout, and the 3D / 2D+1D ratio."""
-    steps, ref = {}, {}
+    steps, ref, label = {}, {}, {}
     for r in rows:
         if r["status"] == "ok" and r["suite"] == "attention" and r["pass"] == "step":
             e = r["extra"]
             steps[(e["resolution"], e["model"], e["layout"])] = r["median_ms"] / 1e3
+            # small rows ran a stand-in latent grid: name that, not the paper's resolution
+            label[e["resolution"]] = (e["resolution"] if r.get("size") != "small" or "latent" not in r["shape"]
+                                      else "latent " + "x".join(map(str, r["shape"]["latent"])))
             if r.get("paper"):   # only rows at the paper's shapes carry its numbers
                 ref[(e["resolution"], e["layout"])] = r["paper"]["table8_h800_s"]
     if not steps:
@@ -57,7 +61,7 @@ def table8(rows: list[dict]) -> list[str]:
         tokens = next(r["extra"].get("seq_len") for r in rows if r["status"] == "ok" and r["pass"] == "step"
                       and r["extra"]["resolution"] == res and r["extra"]["model"] == model)
         ratio, paper_ratio = (b / a if a and b else None), (p3 / p2 if p2 and p3 else None)
-        out.append(f"| {res} | {model} | {tokens} | {_fmt(a)} | {_fmt(b)} | {_fmt(ratio, '.2f')} | "
+        out.append(f"| {label[res]} | {model} | {tokens} | {_fmt(a)} | {_fmt(b)} | {_fmt(ratio, '.2f')} | "
                    f"{_fmt(p2, '.2f')} | {_fmt(p3, '.2f')} | {_fmt(paper_ratio, '.2f')} |")
     return out
 
@@ -79,7 +83,8 @@ def table7(rows: list[dict]) -> list[str]:
         out.append(f"| {r['case']} | {r['impl']} | {r['median_ms'] / 1e3:.2f} | "
                    f"{_fmt(e.get('transformer_s'), '.2f')} | {_fmt(e.get('scheduler_s'), '.2f')} | "
                    f"{_fmt(e.get('vae_s'), '.2f')} | "
-                   f"{_mem(r.get('peak_mem_bytes'))} | {f'{ref[0]} / {ref[1]}' if ref else '-'} | "
+                   f"{_mem(r.get('peak_mem_bytes'), r.get('peak_mem_kind'))} | "
+                   f"{f'{ref[0]} / {ref[1]}' if ref else '-'} | "
                    f"{official if official else '-'} |")
     return out
 
@@ -94,6 +99,9 @@ def render(doc: dict, plots: list[str], plot_note: str | None) -> str:
              f"- commit {git.get('commit')}{' (uncommitted changes)' if git.get('dirty') else ''}"]
     if c and "error" in c:
         lines.append(f"- ceilings: not measured ({c['error']}); no % of ceiling in the tables")
+    elif c and doc["size"] == "small":
+        lines.append(f"- ceilings measured (copy {c['copy_gbps']:.1f} GB/s, matmul {c['matmul_tflops']:.2f} TFLOP/s), "
+                     f"but {SMALL_NO_CEILING}")
     elif c:
         lines.append(f"- ceilings measured at the start of this run: copy {c['copy_gbps']:.1f} GB/s "
                      f"({c['copy_bytes'] / 2**20:.0f} MiB, read + write), matmul {c['matmul_tflops']:.2f} TFLOP/s "
@@ -143,15 +151,10 @@ def render(doc: dict, plots: list[str], plot_note: str | None) -> str:
         if name == "parallel":
             from .suites.parallel import report_lines
             lines += ["", *report_lines(rows)]
-        other: dict = {}
-        for r in rows:
-            if r["status"] != "ok":   # grouped: an unavailable backend would otherwise repeat once per shape
-                other.setdefault((r["status"], r["impl"], r["reason"]), []).append(f"{r['case']} {r['pass']}")
+        other = group_not_run(rows)
         if other:
             lines += ["", "Not run:", ""]
-            lines += [f"- {impl}: {status}: {reason} ({len(where)} row{'s' if len(where) > 1 else ''}: "
-                      f"{', '.join(where[:3])}{', ...' if len(where) > 3 else ''})"
-                      for (status, impl, reason), where in other.items()]
+            lines += [f"- {line}" for line in other]
     lines += ["", "## Plots", ""]
     if plot_note:
         lines.append(plot_note)
@@ -187,31 +190,42 @@ def make_plots(doc: dict, out_dir: str) -> tuple[list[str], str | None]:
         ax.set_title(f"DiT step vs sequence length ({doc['device'].get('name')}, {doc['size']} shapes)")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(os.path.join(out_dir, "dit_step_vs_seq.png"), dpi=100)
-        plt.close(fig)
+        _save(fig, os.path.join(out_dir, "dit_step_vs_seq.png"))
         written.append("dit_step_vs_seq.png")
-    kern = [r for r in doc["rows"] if r["status"] == "ok" and r["suite"] == "kernels"
-            and r.get("pct_of_ceiling") is not None]
+    kern = [r for r in doc["rows"] if r["status"] == "ok" and r["suite"] == "kernels"]
+    # % of the copy ceiling where there is one (full shapes), else GB/s (small shapes: SMALL_NO_CEILING)
+    pct = [r for r in kern if r.get("pct_of_ceiling") is not None]
+    key, ylabel, name = (("pct_of_ceiling", "% of measured copy bandwidth\n(minimum bytes)", "kernels_pct_of_ceiling")
+                         if pct else ("gbps", "GB/s (minimum bytes)", "kernels_gbps"))
+    kern = pct or [r for r in kern if r.get("gbps") is not None]
     if kern:
         labels = list(dict.fromkeys(f"{r['case']} {r['pass']}" for r in kern))
         impls = list(dict.fromkeys(r["impl"] for r in kern))
         width = 0.8 / len(impls)
         fig, ax = plt.subplots(figsize=(max(8, 0.45 * len(labels)), 5))
         for i, impl in enumerate(impls):
-            vals = {f"{r['case']} {r['pass']}": r["pct_of_ceiling"] for r in kern if r["impl"] == impl}
+            vals = {f"{r['case']} {r['pass']}": r[key] for r in kern if r["impl"] == impl}
             xs = [j + i * width for j, lab in enumerate(labels) if lab in vals]
             ax.bar(xs, [vals[lab] for lab in labels if lab in vals], width, label=impl)
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(labels))])
         ax.set_xticklabels(labels, rotation=70, ha="right", fontsize=7)
-        ax.set_ylabel("% of measured copy bandwidth (minimum bytes)")
-        ax.set_title(f"kernels: % of ceiling ({doc['device'].get('name')}, {doc['size']} shapes)")
+        ax.set_ylabel(ylabel)
+        what = "% of ceiling" if pct else "GB/s (no ceiling at small shapes)"
+        ax.set_title(f"kernels: {what} ({doc['device'].get('name')}, {doc['size']} shapes)")
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(os.path.join(out_dir, "kernels_pct_of_ceiling.png"), dpi=100)
-        plt.close(fig)
-        written.append("kernels_pct_of_ceiling.png")
+        _save(fig, os.path.join(out_dir, f"{name}.png"))
+        written.append(f"{name}.png")
     return written, (None if written else "No plots: neither the attention step rows nor kernel rows ran.")
+
+
+def _save(fig, path: str) -> None:
+    """Save with the bounding box grown to every label: tight_layout alone clipped the kernels plot's y label
+    (the rotated case names take most of the height)."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=100, bbox_inches="tight", pad_inches=0.1)
+    plt.close(fig)
 
 
 def write(doc: dict, out_dir: str, plots: bool = True) -> str:

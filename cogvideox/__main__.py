@@ -160,8 +160,8 @@ def _load_embeds(path: str, parser, cfg):
         else:
             data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:   # safetensors, pickle and zip errors have no common base: any failure is "unreadable"
-        _fail(parser, f"--prompt-embeds {path}: cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
-              if str(e) else f"--prompt-embeds {path}: cannot be read ({type(e).__name__})")
+        why = (str(e).splitlines() or [""])[0][:200]   # one line: the error is one `error:` line
+        _fail(parser, f"--prompt-embeds {path}: cannot be read ({type(e).__name__}{': ' + why if why else ''})")
     if isinstance(data, torch.Tensor):
         data = {"prompt_embeds": data}
     if not isinstance(data, dict) or "prompt_embeds" not in data:

@@ -256,17 +256,13 @@ def check_size(num_frames: int, height: int, width: int, cfg, factors: VaeFactor
 
 def decode_latents(vae, latents: torch.Tensor, factors: VaeFactors, parallel=None) -> torch.Tensor | None:
     """(B, F, C, h, w) -> video (B, 3, T, H, W) in [-1, 1], as diffusers' decode_latents (1 / sf * latents).
-    parallel: decode across the mesh's VAE ranks when the VAE supports it (vae.decode(parallel=)), else on rank 0
-    alone; None on ranks that get no video."""
+    parallel: decode across the mesh's VAE ranks (its `vae` degree; vae=1: rank 0 alone); the video lands on rank 0,
+    None on the other ranks."""
     z = 1 / factors.scaling_factor * latents.permute(0, 2, 1, 3, 4)
     with torch.no_grad():
         if parallel is None:
             return vae.decode(z)
-        import inspect
-
-        if parallel.settings.vae > 1 and "parallel" in inspect.signature(vae.decode).parameters:
-            return vae.decode(z, parallel=parallel) if parallel.vae_group is not None else None
-        return vae.decode(z) if parallel.rank == 0 else None
+        return vae.decode(z, parallel=parallel, everywhere=False)
 
 
 # ---- output ------------------------------------------------------------------------------------------------
@@ -346,18 +342,20 @@ def atomic_output(path: str, folder: bool = False):
     os.makedirs(parent, exist_ok=True)
     root, ext = os.path.splitext(name) if not folder else (name, "")
     tmp = os.path.join(parent, f".{root}.partial-{os.getpid()}{ext}")
+    old = os.path.join(parent, f".{root}.old-{os.getpid()}")
     if folder:
         os.makedirs(tmp)
     try:
         yield tmp
         if folder and os.path.isdir(path):   # a previous frame folder (check_output allows only frames in it)
-            old = os.path.join(parent, f".{root}.old-{os.getpid()}")
             os.rename(path, old)
             os.rename(tmp, path)
             shutil.rmtree(old)
         else:
             os.replace(tmp, path)
     except BaseException:
+        if os.path.isdir(old) and not os.path.exists(path):   # the previous folder goes back where it was
+            os.rename(old, path)
         if os.path.isdir(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
         elif os.path.exists(tmp):

@@ -578,12 +578,12 @@ class CogVideoXVAE(nn.Module):
                             f"{type(pm).__name__}")
         if pm.vae_group is None:
             return None
+        n = pm.settings.vae
+        if n == 1:   # one VAE rank: the one-process run, tiling rules included
+            return self._run(kind, x, tiling, memory_budget, exact_groupnorm)
         if tiling:
             raise ValueError("tiling=True cannot be combined with parallel=: a split run is untiled on every rank; "
                              "pass tiling=None or False (the result is the untiled one)")
-        n = pm.settings.vae
-        if n == 1:
-            return self._run(kind, x, False, memory_budget, exact_groupnorm)
         (t, s), spans, unit = self.split_layout(kind, x.shape, n, layout, exact_groupnorm)
         ti, si = divmod(pm.rank, s)
         peers = tuple(range(n)) if exact_groupnorm else (tuple(ti * s + j for j in range(s)) if s > 1 else None)

@@ -25,6 +25,7 @@ class CompiledInfo:
     local_bytes: int
     ttir: str
     ptx: str
+    shared_bytes: int = 0   # shared memory per program (Triton allocates it dynamically: not in cuobjdump's SHARED)
 
     @property
     def spills(self) -> bool:
@@ -72,7 +73,8 @@ def _info(compiled) -> CompiledInfo:
     m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", usage)
     if m is None:
         raise RuntimeError(f"could not read resource usage from cuobjdump:\n{usage}")
-    return CompiledInfo(int(m.group(1)), int(m.group(2)), int(m.group(3)), compiled.asm["ttir"], compiled.asm["ptx"])
+    return CompiledInfo(int(m.group(1)), int(m.group(2)), int(m.group(3)), compiled.asm["ttir"], compiled.asm["ptx"],
+                        compiled.metadata.shared)
 
 
 def _compile_sm90_job(module, name, signature, constexprs, num_warps, num_stages, divisible_by_16) -> dict:

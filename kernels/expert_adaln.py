@@ -11,18 +11,28 @@ length, so local row s is text when offset + s < text_len; the shard's text rows
 
 Fused: one kernel reads x (and y) once and writes x_new (residual stream) and out once; LayerNorm statistics,
 the residual and the modulation stay in registers. x_new is rounded to x.dtype before the LayerNorm, as the
-reference (and the unfused model) does. Mean and variance are taken of x - x[0] (the row's first element, a
-scalar load of a line already in L1): an fp32 mean of raw values like 12345.678 is off by ~1e-3, which a constant
-row's rstd = 1/sqrt(eps) would turn into outputs of ~0.3 instead of torch's exact 0; shifted, such a row is
-exactly 0 and near-constant rows keep their precision. The backward kernel recomputes mean/rstd from the row it reads anyway
-(x for expert_adaln, the saved x_new for the residual op), so the forward saves no statistics, and writes dx
-(and dy) once. Reductions over tokens (dshift, dscale, dgate per expert; dweight, dbias) are per-program fp32
-partials, summed on the host in a fixed order: deterministic, no atomics.
+reference (and the unfused model) does. Mean and variance are taken of x - x[0] (the row's first element): an
+fp32 mean of raw values like 12345.678 is off by ~1e-3, which a constant row's rstd = 1/sqrt(eps) would turn into
+outputs of ~0.3 instead of torch's exact 0; shifted, such a row is exactly 0 and near-constant rows keep their
+precision. The forward also writes the statistics, (B, S) fp32 mean of x - x[0] and rstd (8 bytes a row, as
+flash-attention's LayerNorm saves them), so the backward needs one reduction a row (sum(dxhat * xhat) and
+sum(dxhat) together), not three; it writes dx (and dy) once. Reductions over tokens (dshift, dscale, dgate per
+expert; dweight, dbias) are per-program fp32 partials, summed on the host in a fixed order: deterministic, no
+atomics.
 
 Layout: one program owns a block of rows of one batch element and walks it in at most two segments (text rows,
-then vision rows), loading the segment's modulation vectors once; each row is one BLOCK_D-wide vector. Grid
-(B, programs per sample): the batch on axis 0 (up to 2^31 - 1), the program count, which launch_config bounds by
-~16 x the SM count whatever S is, on axis 1 (CUDA allows 65535 there).
+then vision rows), loading the segment's modulation vectors once; each row is one BLOCK_D-wide vector, 8 elements
+per thread. Grid (B, programs per sample): the batch on axis 0 (up to 2^31 - 1), the program count, which
+launch_config bounds by ~4 (forward) and ~2 (backward) x the SM count whatever S is, on axis 1 (CUDA allows 65535).
+
+What the sm_90 build does (SASS by cuobjdump of the AOT build at 5B shapes B=2, S=17776, D=3072, bf16, residual;
+the PTX-level counts are asserted in tests/test_expert_adaln.py): the row loop is software-pipelined
+(tl.range num_stages). Each backward row issues 6 LDGSTS (cp.async into shared memory: x_new, dout, dx_new, y and
+the two statistics of the row two ahead), 1 LDG.U16 (the next row's shift x[0], a 2-byte load the pipeliner leaves
+in place, loaded one row ahead by hand), then waits at 3 BAR.SYNC (the pipeline's, and one two-value reduction)
+and writes 2 STG. Before: LDG x, dout; 8 BAR.SYNC (four reductions); LDG dx_new, y; so every row waited for DRAM
+twice. A forward row: 2 LDGSTS, 2 LDG.U16, 4 BAR.SYNC, 4 STG. Registers, no spills: backward 126 at 16 warps (one
+program per SM), forward 98; at 2B (D = 1920, 8 warps) <= 128, two programs per SM. Not yet timed on a GPU.
 """
 from __future__ import annotations
 
@@ -87,12 +97,13 @@ def _segment(pid, text_len, S, rows_per_prog, e: tl.constexpr, E: tl.constexpr):
 
 @triton.jit
 def _expert_adaln_fwd_kernel(
-    X, Y, XN, OUT, GATE, SHIFT, SCALE, W, Bias,
+    X, Y, XN, OUT, MEAN, RSTD, GATE, SHIFT, SCALE, W, Bias,
     S, D, text_len, rows_per_prog, eps,
     s_xb, s_xs, s_yb, s_ys, s_gb, s_ge, s_hb, s_he, s_cb, s_ce,
     E: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    BLOCK_D: tl.constexpr, STAGES: tl.constexpr,
 ):
+    """MEAN, RSTD: (B, S) fp32, the statistics the backward reads: the mean of x - x[0] and rstd."""
     pid = tl.program_id(1)
     b = tl.program_id(0).to(tl.int64)  # int64 before any stride multiply: B*S*D may exceed 2^31
     eps = tl.cast(eps, tl.float32)  # inductor may pass an fp64 scalar
@@ -107,43 +118,60 @@ def _expert_adaln_fwd_kernel(
         if HAS_RESIDUAL:
             gate = tl.load(GATE + b * s_gb + e * s_ge + cols, mask=mask, other=0.0).to(tl.float32)
             gate0 = tl.load(GATE + b * s_gb + e * s_ge).to(tl.float32)
-        for r in range(lo, hi):
+        # The shift (element 0 of the row, of x and y) is a scalar load issued one row ahead by hand: the
+        # pipeliner leaves sub-4-byte loads in place, where each would wait an L2 latency of its own.
+        x0_next = tl.load(X + b * s_xb + tl.cast(lo, tl.int64) * s_xs, mask=lo < hi, other=0.0)
+        if HAS_RESIDUAL:
+            y0_next = tl.load(Y + b * s_yb + tl.cast(lo, tl.int64) * s_ys, mask=lo < hi, other=0.0)
+        # STAGES > 1: the pipeliner copies the next rows' x (and y) into shared memory while this row reduces
+        for r in tl.range(lo, hi, num_stages=STAGES):
             r64 = tl.cast(r, tl.int64)
             x_row = X + b * s_xb + r64 * s_xs
             x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
-            x0 = tl.load(x_row).to(tl.float32)                      # the shift: element 0 of the row
+            x0 = x0_next.to(tl.float32)
+            x0_next = tl.load(x_row + s_xs, mask=r + 1 < hi, other=0.0)
             o_off = (b * S + r64) * D + cols  # XN and OUT are new contiguous (B, S, D) tensors
             if HAS_RESIDUAL:
                 y_row = Y + b * s_yb + r64 * s_ys
                 y = tl.load(y_row + cols, mask=mask, other=0.0).to(tl.float32)
+                y0 = y0_next.to(tl.float32)
+                y0_next = tl.load(y_row + s_ys, mask=r + 1 < hi, other=0.0)
                 xn = cast_rtne(x + gate * y, XN.dtype.element_ty)
                 tl.store(XN + o_off, xn, mask=mask)
                 x = xn.to(tl.float32)  # normalize the rounded residual stream, as the unfused model does
                 # element 0 of x_new by the same arithmetic as lane 0 (so a constant x_new row shifts to exact 0)
-                x0 = cast_rtne(x0 + gate0 * tl.load(y_row).to(tl.float32), XN.dtype.element_ty).to(tl.float32)
+                x0 = cast_rtne(x0 + gate0 * y0, XN.dtype.element_ty).to(tl.float32)
             xs = tl.where(mask, x - x0, 0.0)
-            xc = tl.where(mask, xs - tl.sum(xs, axis=0) / D, 0.0)
+            mean_s = tl.sum(xs, axis=0) / D
+            xc = tl.where(mask, xs - mean_s, 0.0)
             rstd = tl.rsqrt(tl.sum(xc * xc, axis=0) / D + eps)
             out = (xc * rstd * w + bb) * scale1 + shift
             tl.store(OUT + o_off, cast_rtne(out, OUT.dtype.element_ty), mask=mask)
+            tl.store(MEAN + b * S + r64, mean_s)
+            tl.store(RSTD + b * S + r64, rstd)
+
+
+@triton.jit
+def _add_pair(a0, b0, a1, b1):
+    return a0 + a1, b0 + b1
 
 
 @triton.jit
 def _expert_adaln_bwd_kernel(
-    DOUT, DXN, X, Y, GATE, SCALE, W, Bias, DX, DY, PART,
-    S, D, text_len, rows_per_prog, eps,
+    DOUT, DXN, X, MEAN, RSTD, Y, GATE, SCALE, W, Bias, DX, DY, PART,
+    S, D, text_len, rows_per_prog,
     s_xb, s_xs, s_yb, s_ys, s_gb, s_ge, s_cb, s_ce,
     E: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_DXN: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-    HAS_BIAS: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_BIAS: tl.constexpr, BLOCK_D: tl.constexpr, STAGES: tl.constexpr,
 ):
-    """X is the LayerNorm input: x (expert_adaln) or the saved x_new (residual). DOUT, DXN, DX, DY: contiguous.
+    """X is the LayerNorm input: x (expert_adaln) or the saved x_new (residual); MEAN, RSTD its forward statistics
+    (xhat = (x - x[0] - MEAN) * RSTD, the forward's own arithmetic). DOUT, DXN, DX, DY: contiguous.
 
     PART: (planes, B * P, E, D) fp32 partial sums of this program's rows per expert; planes in order
     dshift, dscale, [dgate], [dweight], [dbias]. Every element is written (zeros for an empty segment).
     """
     pid = tl.program_id(1)
     b = tl.program_id(0).to(tl.int64)
-    eps = tl.cast(eps, tl.float32)  # inductor may pass an fp64 scalar
     cols = tl.arange(0, BLOCK_D)
     mask = cols < D
     plane = (tl.num_programs(0) * tl.num_programs(1)).to(tl.int64) * E * D
@@ -151,10 +179,10 @@ def _expert_adaln_bwd_kernel(
     PL_W: tl.constexpr = 2 + HAS_RESIDUAL
     PL_B: tl.constexpr = PL_W + HAS_WEIGHT
     w = tl.load(W + cols, mask=mask, other=1.0).to(tl.float32) if HAS_WEIGHT else 1.0
-    bb = tl.load(Bias + cols, mask=mask, other=0.0).to(tl.float32) if HAS_BIAS else 0.0
     for e in tl.static_range(E):
         lo, hi = _segment(pid, text_len, S, rows_per_prog, e, E)
-        scale1 = 1.0 + tl.load(SCALE + b * s_cb + e * s_ce + cols, mask=mask, other=0.0).to(tl.float32)
+        # normed = xhat * w + b, out = normed * scale1 + shift: d(xhat) = dout * (scale1 * w)
+        sw = (1.0 + tl.load(SCALE + b * s_cb + e * s_ce + cols, mask=mask, other=0.0).to(tl.float32)) * w
         if HAS_RESIDUAL:
             gate = tl.load(GATE + b * s_gb + e * s_ge + cols, mask=mask, other=0.0).to(tl.float32)
         # Per segment, scale1, w and b are constant vectors, so two token sums give four of the five gradients:
@@ -163,29 +191,40 @@ def _expert_adaln_bwd_kernel(
         acc_do = tl.zeros([BLOCK_D], dtype=tl.float32)
         acc_doxh = tl.zeros([BLOCK_D], dtype=tl.float32)
         acc_gate = tl.zeros([BLOCK_D], dtype=tl.float32)
-        for r in range(lo, hi):
+        # Every load of a row comes first, and the pipeliner (STAGES > 1) copies the next rows' into shared memory
+        # while this one reduces: a barrier cannot be crossed by a load, so loads placed after a reduction would
+        # each wait one DRAM latency more.
+        x0_next = tl.load(X + b * s_xb + tl.cast(lo, tl.int64) * s_xs, mask=lo < hi, other=0.0)  # as forward
+        for r in tl.range(lo, hi, num_stages=STAGES):
             r64 = tl.cast(r, tl.int64)
             g_off = (b * S + r64) * D + cols
             x_row = X + b * s_xb + r64 * s_xs
             x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
+            x0 = x0_next.to(tl.float32)
+            x0_next = tl.load(x_row + s_xs, mask=r + 1 < hi, other=0.0)
             dout = tl.load(DOUT + g_off, mask=mask, other=0.0).to(tl.float32)
-            xs = tl.where(mask, x - tl.load(x_row).to(tl.float32), 0.0)   # shifted by element 0, as forward
-            xc = tl.where(mask, xs - tl.sum(xs, axis=0) / D, 0.0)
-            rstd = tl.rsqrt(tl.sum(xc * xc, axis=0) / D + eps)
-            xhat = xc * rstd
-            acc_do += dout
-            acc_doxh += dout * xhat
-            dxhat = dout * scale1 * w               # d(xhat); normed = xhat * w + b, out = normed * scale1 + shift
-            c1 = tl.sum(dxhat * xhat, axis=0) / D
-            c2 = tl.sum(dxhat, axis=0) / D
-            dx = (dxhat - (xhat * c1 + c2)) * rstd
             if HAS_DXN:
-                dx += tl.load(DXN + g_off, mask=mask, other=0.0).to(tl.float32)
-            tl.store(DX + g_off, cast_rtne(dx, DX.dtype.element_ty), mask=mask)
+                dxn = tl.load(DXN + g_off, mask=mask, other=0.0).to(tl.float32)
             if HAS_RESIDUAL:
                 y = tl.load(Y + b * s_yb + r64 * s_ys + cols, mask=mask, other=0.0).to(tl.float32)
+            mean_s = tl.load(MEAN + b * S + r64)
+            rstd = tl.load(RSTD + b * S + r64)
+            xhat = tl.where(mask, (x - x0) - mean_s, 0.0) * rstd
+            acc_do += dout
+            acc_doxh += dout * xhat
+            dxhat = dout * sw
+            # sum(dxhat * xhat) and sum(dxhat) in one reduction: one round of shuffles and barriers per row
+            c1, c2 = tl.reduce((dxhat * xhat, dxhat), 0, _add_pair)
+            dx = (dxhat - (xhat * (c1 / D) + c2 / D)) * rstd
+            if HAS_DXN:
+                dx += dxn
+            tl.store(DX + g_off, cast_rtne(dx, DX.dtype.element_ty), mask=mask)
+            if HAS_RESIDUAL:
                 acc_gate += dx * y
                 tl.store(DY + g_off, cast_rtne(dx * gate, DY.dtype.element_ty), mask=mask)
+        # scale1 and b re-read here rather than held through the loop (registers)
+        scale1 = 1.0 + tl.load(SCALE + b * s_cb + e * s_ce + cols, mask=mask, other=0.0).to(tl.float32)
+        bb = tl.load(Bias + cols, mask=mask, other=0.0).to(tl.float32) if HAS_BIAS else 0.0
         p_off = part + e * D
         tl.store(PART + p_off, acc_do, mask=mask)
         tl.store(PART + plane + p_off, acc_doxh * w + acc_do * bb, mask=mask)
@@ -197,19 +236,31 @@ def _expert_adaln_bwd_kernel(
             tl.store(PART + PL_B * plane + p_off, acc_do * scale1, mask=mask)
 
 
-def launch_config(B: int, S: int, D: int, n_sm: int) -> dict:
-    """Block size, warps and rows per program of both kernels for a (B, S, D) problem on n_sm SMs.
+PIPELINE_SMEM = 160 * 1024   # of the 227 KB of shared memory a Hopper program may use (the rest: reductions)
 
-    One row is one BLOCK_D vector. Forward: 16 elements per thread, ~16 programs per SM so the segment's
-    modulation vectors are read once per ~S*B/(16 n_sm) rows (17 at 2 x 17,776 tokens on 132 SMs).
-    Backward: 8 elements per thread (three accumulators, four parameter vectors and four rows in flight fit
-    in 128 registers at 16 warps: no spills, see tests) and ~2 programs per SM, which keeps the fp32
-    partials small: at most 5 planes x 264 programs x E x D x 4 B, 32 MB for 5B (~5% of the backward's traffic).
+
+def launch_config(B: int, S: int, D: int, n_sm: int, itemsize: int = 2) -> dict:
+    """Block size, warps, pipeline stages and rows per program of both kernels for a (B, S, D) problem on n_sm SMs
+    with itemsize-byte activations.
+
+    One row is one BLOCK_D vector, 8 elements per thread: 16 warps at BLOCK_D = 4096 (5B), one program per SM at
+    the 91-126 registers of the sm_90 build; 8 warps at 2048 (2B), two. Each program walks its rows through a
+    software pipeline of STAGES: the loads of the next STAGES - 1 rows are copied into shared memory (cp.async)
+    while the current row reduces, so up to 3 rows are in flight, 2 x 24 KB of loads ahead at 5B in bf16 (fp32:
+    one row ahead). Fewer stages where the rows would not fit in PIPELINE_SMEM: no pipeline from BLOCK_D = 32768
+    in bf16, 16384 in fp32. Long programs amortize the pipeline's fill: forward ~4 programs per SM (68 rows each
+    at 2 x 17,776 tokens on 132 SMs), backward ~2, which also keeps its fp32 partials small: at most 5 planes x
+    264 programs x E x D x 4 B, 32 MB for 5B (~5% of the backward's traffic).
     """
     block_d = triton.next_power_of_2(D)
-    fwd_rows = triton.cdiv(S, max(1, triton.cdiv(16 * n_sm, B)))
+    fwd_rows = triton.cdiv(S, max(1, triton.cdiv(4 * n_sm, B)))
     bwd_rows = triton.cdiv(S, max(1, triton.cdiv(2 * n_sm, B)))
-    return dict(BLOCK_D=block_d, fwd_warps=max(1, min(16, block_d // 512)), bwd_warps=max(1, min(16, block_d // 256)),
+    warps = max(1, min(16, block_d // 256))
+    # the pipeline holds STAGES - 1 rows of up to 4 vectors (backward: x, dout, dx_new, y) in shared memory
+    stages = 3 if itemsize <= 2 else 2
+    while stages > 1 and (stages - 1) * 4 * block_d * itemsize > PIPELINE_SMEM:
+        stages -= 1
+    return dict(BLOCK_D=block_d, fwd_warps=warps, bwd_warps=warps, STAGES=stages,
                 fwd_rows=fwd_rows, fwd_progs=triton.cdiv(S, fwd_rows),
                 bwd_rows=bwd_rows, bwd_progs=triton.cdiv(S, bwd_rows))
 
@@ -222,47 +273,51 @@ def _mod_strides(p):
 
 
 def expert_adaln_fwd(x, y, gate, shift, scale, text_len, weight, bias, eps, offset=0):
-    """Launch the forward kernel. y, gate None: expert_adaln -> (None, out); else -> (x_new, out)."""
+    """Launch the forward kernel. y, gate None: expert_adaln -> (None, out, mean, rstd); else (x_new, out, mean,
+    rstd); mean, rstd: (B, S) fp32 statistics of the LayerNorm input for the backward."""
     B, S, D = x.shape
     text_len = local_text_len(text_len, S, offset)   # the kernel's text_len: text rows of this shard
     x, y, gate, shift, scale, w, bi = map(last_dim_contiguous, (x, y, gate, shift, scale, weight, bias))
     res = y is not None
-    cfg = launch_config(B, S, D, num_sms(x.device))
+    cfg = launch_config(B, S, D, num_sms(x.device), x.element_size())
     out = _alloc((B, S, D), dtype=x.dtype, device=x.device)
     x_new = _alloc((B, S, D), dtype=x.dtype, device=x.device) if res else None
+    mean = _alloc((B, S), dtype=torch.float32, device=x.device)
+    rstd = _alloc((B, S), dtype=torch.float32, device=x.device)
     _expert_adaln_fwd_kernel[check_grid((B, cfg["fwd_progs"]))](
-        x, y, x_new, out, gate, shift, scale, w, bi,
+        x, y, x_new, out, mean, rstd, gate, shift, scale, w, bi,
         S, D, text_len, cfg["fwd_rows"], eps,
         x.stride(0), x.stride(1), *(_mod_strides(y)), *(_mod_strides(gate)), *(_mod_strides(shift)),
         *(_mod_strides(scale)),
         E=shift.shape[1], HAS_RESIDUAL=int(res), HAS_WEIGHT=int(w is not None), HAS_BIAS=int(bi is not None),
-        BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["fwd_warps"],
+        BLOCK_D=cfg["BLOCK_D"], STAGES=cfg["STAGES"], num_warps=cfg["fwd_warps"],
     )
-    return x_new, out
+    return x_new, out, mean, rstd
 
 
-def expert_adaln_bwd(dout, dx_new, x, y, gate, scale, text_len, weight, bias, eps, offset=0):
-    """Launch the backward kernel; x is the LayerNorm input. -> dx, dy, dgate, dshift, dscale, dweight, dbias
-    (None for the ones that do not exist)."""
+def expert_adaln_bwd(dout, dx_new, x, mean, rstd, y, gate, scale, text_len, weight, bias, offset=0):
+    """Launch the backward kernel; x is the LayerNorm input, mean / rstd its forward statistics.
+    -> dx, dy, dgate, dshift, dscale, dweight, dbias (None for the ones that do not exist)."""
     B, S, D = x.shape
     text_len = local_text_len(text_len, S, offset)
     E = scale.shape[1]
     x, y, gate, scale, w, bi = map(last_dim_contiguous, (x, y, gate, scale, weight, bias))
     dout = dout.contiguous()  # incoming grads may be stride-0 expansions (.sum().backward())
     dx_new = dx_new.contiguous() if dx_new is not None else None
+    mean, rstd = mean.contiguous(), rstd.contiguous()
     res = y is not None
-    cfg = launch_config(B, S, D, num_sms(x.device))
+    cfg = launch_config(B, S, D, num_sms(x.device), x.element_size())
     P = cfg["bwd_progs"]
     planes = 2 + int(res) + int(w is not None) + int(bi is not None)
     part = _alloc((planes, B, P, E, D), dtype=torch.float32, device=x.device)
     dx = _alloc((B, S, D), dtype=x.dtype, device=x.device)
     dy = _alloc((B, S, D), dtype=x.dtype, device=x.device) if res else None
     _expert_adaln_bwd_kernel[check_grid((B, P))](
-        dout, dx_new, x, y, gate, scale, w, bi, dx, dy, part,
-        S, D, text_len, cfg["bwd_rows"], eps,
+        dout, dx_new, x, mean, rstd, y, gate, scale, w, bi, dx, dy, part,
+        S, D, text_len, cfg["bwd_rows"],
         x.stride(0), x.stride(1), *(_mod_strides(y)), *(_mod_strides(gate)), *(_mod_strides(scale)),
         E=E, HAS_RESIDUAL=int(res), HAS_DXN=int(dx_new is not None), HAS_WEIGHT=int(w is not None),
-        HAS_BIAS=int(bi is not None), BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["bwd_warps"],
+        HAS_BIAS=int(bi is not None), BLOCK_D=cfg["BLOCK_D"], STAGES=cfg["STAGES"], num_warps=cfg["bwd_warps"],
     )
     # Fixed-order reductions over the programs (separate tensors: custom-op outputs must not alias).
     planes = iter(part.unbind(0))
@@ -274,16 +329,22 @@ def expert_adaln_bwd(dout, dx_new, x, y, gate, scale, text_len, weight, bias, ep
     return dx, dy, dgate, dshift, dscale, dweight, dbias
 
 
-def _expert_adaln_bwd_torch(dout, dx_new, x, y, gate, scale, text_len, weight, bias, eps, offset=0):
+def _row_stats(x, eps):
+    """The kernels' LayerNorm statistics of x (B, S, D), in torch: the mean of x - x[..., 0] and rstd, (B, S) fp32."""
+    xs = x.float() - x[..., :1].float()
+    mean = xs.mean(-1)
+    xc = xs - mean[..., None]
+    return mean, torch.rsqrt((xc * xc).mean(-1) + eps)
+
+
+def _expert_adaln_bwd_torch(dout, dx_new, x, mean, rstd, y, gate, scale, text_len, weight, bias, offset=0):
     """Pure-torch backward (the CPU path), fp32, the same math as the kernel. Written out rather than autograd
     through the reference: custom-op impls run below the autograd dispatch key, so no graph would be recorded."""
     B, S, D = x.shape
     E = scale.shape[1]
     xf, dout = x.float(), dout.float()
-    xs = xf - xf[..., :1]                                              # shifted by element 0, as the kernels
-    xc = xs - xs.mean(-1, keepdim=True)
-    rstd = torch.rsqrt((xc * xc).mean(-1, keepdim=True) + eps)
-    xhat = xc * rstd                                                   # (B, S, D)
+    rstd = rstd[..., None]
+    xhat = ((xf - xf[..., :1]) - mean[..., None]) * rstd                # (B, S, D)
     w = weight.float() if weight is not None else xhat.new_ones(D)
     normed = xhat * w + (bias.float() if bias is not None else 0.0)
     dn = dout * (1 + expert_rows(scale.float(), text_len, S, offset))  # d(normed)
@@ -300,23 +361,30 @@ def _expert_adaln_bwd_torch(dout, dx_new, x, y, gate, scale, text_len, weight, b
     return dx.to(x.dtype), dy, dgate, dshift, dscale, dweight, dbias
 
 
+# The forward ops also return the LayerNorm statistics (B, S) fp32 of their LayerNorm input, which the backward
+# reads instead of recomputing them (as flash-attention's LayerNorm does): one reduction per backward row instead
+# of three. The public functions drop them.
+
 @torch.library.custom_op("cogvideox::expert_adaln", mutates_args=())
 def _expert_adaln_op(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, text_len: int,
                      weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
-                     offset: int = 0) -> torch.Tensor:
+                     offset: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> out, mean, rstd."""
     if use_triton(x) and x.numel() > 0:
-        return expert_adaln_fwd(x, None, None, shift, scale, text_len, weight, bias, eps, offset)[1]
-    return expert_adaln_ref(x, shift, scale, text_len, weight, bias, eps, offset)
+        return expert_adaln_fwd(x, None, None, shift, scale, text_len, weight, bias, eps, offset)[1:]
+    return (expert_adaln_ref(x, shift, scale, text_len, weight, bias, eps, offset), *_row_stats(x, eps))
 
 
 @torch.library.custom_op("cogvideox::expert_adaln_residual", mutates_args=())
 def _expert_adaln_residual_op(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, shift: torch.Tensor,
                               scale: torch.Tensor, text_len: int, weight: torch.Tensor | None,
                               bias: torch.Tensor | None, eps: float,
-                              offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                              offset: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> x_new, out, mean, rstd (the statistics of x_new)."""
     if use_triton(x) and x.numel() > 0:
         return expert_adaln_fwd(x, y, gate, shift, scale, text_len, weight, bias, eps, offset)
-    return expert_adaln_residual_ref(x, y, gate, shift, scale, text_len, weight, bias, eps, offset)
+    x_new, out = expert_adaln_residual_ref(x, y, gate, shift, scale, text_len, weight, bias, eps, offset)
+    return (x_new, out, *_row_stats(x_new, eps))
 
 
 _EMPTY_GRAD_SHAPE = (0,)  # custom ops cannot return None: absent gradients travel as empty tensors
@@ -324,11 +392,13 @@ _SEVEN_GRADS = tuple[(torch.Tensor,) * 7]  # dx, dy, dgate, dshift, dscale, dwei
 
 
 @torch.library.custom_op("cogvideox::expert_adaln_bwd", mutates_args=())
-def _expert_adaln_bwd_op(dout: torch.Tensor, dx_new: torch.Tensor | None, x: torch.Tensor, y: torch.Tensor | None,
-                         gate: torch.Tensor | None, scale: torch.Tensor, text_len: int, weight: torch.Tensor | None,
-                         bias: torch.Tensor | None, eps: float, offset: int = 0) -> _SEVEN_GRADS:
-    """-> dx, dy, dgate, dshift, dscale, dweight, dbias; x is the LayerNorm input (x_new for the residual op)."""
-    args = (dout, dx_new, x, y, gate, scale, text_len, weight, bias, eps, offset)
+def _expert_adaln_bwd_op(dout: torch.Tensor, dx_new: torch.Tensor | None, x: torch.Tensor, mean: torch.Tensor,
+                         rstd: torch.Tensor, y: torch.Tensor | None, gate: torch.Tensor | None, scale: torch.Tensor,
+                         text_len: int, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                         offset: int = 0) -> _SEVEN_GRADS:
+    """-> dx, dy, dgate, dshift, dscale, dweight, dbias; x is the LayerNorm input (x_new for the residual op),
+    mean / rstd what its forward returned."""
+    args = (dout, dx_new, x, mean, rstd, y, gate, scale, text_len, weight, bias, offset)
     if use_triton(x) and x.numel() > 0:
         grads = expert_adaln_bwd(*args)
     else:
@@ -336,18 +406,22 @@ def _expert_adaln_bwd_op(dout: torch.Tensor, dx_new: torch.Tensor | None, x: tor
     return tuple(g if g is not None else x.new_empty(_EMPTY_GRAD_SHAPE) for g in grads)
 
 
+def _stats_like(x):
+    return x.new_empty(x.shape[:2], dtype=torch.float32), x.new_empty(x.shape[:2], dtype=torch.float32)
+
+
 @_expert_adaln_op.register_fake
 def _(x, shift, scale, text_len, weight, bias, eps, offset=0):
-    return x.new_empty(x.shape)
+    return (x.new_empty(x.shape), *_stats_like(x))
 
 
 @_expert_adaln_residual_op.register_fake
 def _(x, y, gate, shift, scale, text_len, weight, bias, eps, offset=0):
-    return x.new_empty(x.shape), x.new_empty(x.shape)
+    return (x.new_empty(x.shape), x.new_empty(x.shape), *_stats_like(x))
 
 
 @_expert_adaln_bwd_op.register_fake
-def _(dout, dx_new, x, y, gate, scale, text_len, weight, bias, eps, offset=0):
+def _(dout, dx_new, x, mean, rstd, y, gate, scale, text_len, weight, bias, offset=0):
     def like(t):
         return t.new_empty(t.shape) if t is not None else x.new_empty(_EMPTY_GRAD_SHAPE)
     return like(x), like(y), like(gate), like(scale), like(scale), like(weight), like(bias)
@@ -359,27 +433,31 @@ def _grads_out(t, g):
 
 def _setup_plain(ctx, inputs, output):
     x, shift, scale, text_len, weight, bias, eps, offset = inputs
-    ctx.save_for_backward(x, scale, weight, bias)
-    ctx.text_len, ctx.eps, ctx.offset = text_len, eps, offset
+    out, mean, rstd = output
+    ctx.mark_non_differentiable(mean, rstd)
+    ctx.save_for_backward(x, mean, rstd, scale, weight, bias)
+    ctx.text_len, ctx.offset = text_len, offset
 
 
-def _backward_plain(ctx, dout):
-    x, scale, weight, bias = ctx.saved_tensors
+def _backward_plain(ctx, dout, _dmean, _drstd):
+    x, mean, rstd, scale, weight, bias = ctx.saved_tensors
     dx, _, _, dshift, dscale, dw, db = torch.ops.cogvideox.expert_adaln_bwd(
-        dout, None, x, None, None, scale, ctx.text_len, weight, bias, ctx.eps, ctx.offset)
+        dout, None, x, mean, rstd, None, None, scale, ctx.text_len, weight, bias, ctx.offset)
     return dx, dshift, dscale, None, _grads_out(weight, dw), _grads_out(bias, db), None, None
 
 
 def _setup_residual(ctx, inputs, output):
     x, y, gate, shift, scale, text_len, weight, bias, eps, offset = inputs
-    ctx.save_for_backward(output[0], y, gate, scale, weight, bias)  # x_new: the residual stream lives on anyway
-    ctx.text_len, ctx.eps, ctx.offset = text_len, eps, offset
+    x_new, out, mean, rstd = output
+    ctx.mark_non_differentiable(mean, rstd)
+    ctx.save_for_backward(x_new, mean, rstd, y, gate, scale, weight, bias)  # x_new: the residual stream lives on
+    ctx.text_len, ctx.offset = text_len, offset
 
 
-def _backward_residual(ctx, dx_new, dout):
-    x_new, y, gate, scale, weight, bias = ctx.saved_tensors  # autograd hands zeros for an unused output
+def _backward_residual(ctx, dx_new, dout, _dmean, _drstd):
+    x_new, mean, rstd, y, gate, scale, weight, bias = ctx.saved_tensors  # autograd hands zeros for an unused output
     dx, dy, dgate, dshift, dscale, dw, db = torch.ops.cogvideox.expert_adaln_bwd(
-        dout, dx_new, x_new, y, gate, scale, ctx.text_len, weight, bias, ctx.eps, ctx.offset)
+        dout, dx_new, x_new, mean, rstd, y, gate, scale, ctx.text_len, weight, bias, ctx.offset)
     return dx, dy, dgate, dshift, dscale, None, _grads_out(weight, dw), _grads_out(bias, db), None, None
 
 
@@ -420,7 +498,7 @@ def expert_adaln(x, shift, scale, text_len, weight=None, bias=None, eps=1e-5, of
     text_len is the global text length (it may exceed offset + S: then every row of the shard is text).
     """
     _check(x, {"shift": shift, "scale": scale}, text_len, weight, bias, offset)
-    return torch.ops.cogvideox.expert_adaln(x, shift, scale, text_len, weight, bias, check_eps(eps), offset)
+    return torch.ops.cogvideox.expert_adaln(x, shift, scale, text_len, weight, bias, check_eps(eps), offset)[0]
 
 
 def expert_adaln_residual(x, y, gate, shift, scale, text_len, weight=None, bias=None, eps=1e-5, offset=0):
@@ -431,8 +509,9 @@ def expert_adaln_residual(x, y, gate, shift, scale, text_len, weight=None, bias=
     if y.shape != x.shape:
         raise ValueError(f"y must have the shape of x {tuple(x.shape)}, got {tuple(y.shape)}")
     _check(x, {"gate": gate, "shift": shift, "scale": scale}, text_len, weight, bias, offset)
-    return torch.ops.cogvideox.expert_adaln_residual(x, y, gate, shift, scale, text_len, weight, bias,
-                                                     check_eps(eps), offset)
+    x_new, out, _, _ = torch.ops.cogvideox.expert_adaln_residual(x, y, gate, shift, scale, text_len, weight, bias,
+                                                                 check_eps(eps), offset)
+    return x_new, out
 
 
 # kernels/__init__ binds `kernels.expert_adaln` to the function above, hiding this module from attribute access:

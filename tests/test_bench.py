@@ -404,6 +404,10 @@ def test_cpu_run_of_every_suite(cpu_run):
         assert r["status"] == "ok" or r["reason"]
         if r["status"] == "ok":
             assert r["device"] == "cpu" and r["dtype"] == "float32" and r["shape"] and r["median_ms"] > 0
+            assert r["pct_of_ceiling"] is None and r["peak_mem_bytes"] is None   # no ceiling, no peak at small CPU
+        if r["status"] == "ok" and r["suite"] == "e2e":
+            e = r["extra"]
+            assert e["transformer_s"] + e["vae_s"] + e["scheduler_s"] <= r["median_ms"] / 1e3, r
     text = (out / "report.md").read_text()
     assert "GPU rows were not run" in text
     assert "| 113 / 26 |" not in text           # the paper's numbers are never put beside small shapes

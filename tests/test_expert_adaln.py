@@ -4,6 +4,7 @@ Inputs are laid out as the model produces them: x, y slices of bigger tensors, s
 one (B, 6D) modulation output. CogVideoX shapes scaled down: S small, D = 72 (not a power of two) and D = 1920.
 """
 import importlib
+import re
 
 import pytest
 import torch
@@ -124,12 +125,12 @@ def test_parity_triton(triton_kernels, case, dtype, residual):
 
 @pytest.mark.parametrize("n_sm", [1, 4, 64])
 def test_program_layouts(triton_kernels, monkeypatch, n_sm):
-    """The same results whatever the rows-per-program split: one SM gives multi-row forward programs (2 rows, one
-    straddling text_len = 7), four give several backward programs per sample (partials summed over programs), 64
-    gives one row per program everywhere."""
+    """The same results whatever the rows-per-program split: one SM gives multi-row programs (forward 6 rows, one
+    program straddling text_len = 7; backward the whole sample, through the pipeline), four give several backward
+    programs per sample (partials summed over programs), 64 gives one row per program everywhere."""
     monkeypatch.setattr(ea, "num_sms", lambda device: n_sm)
     cfg = ea.launch_config(2, 11, 72, n_sm)
-    assert {1: (2, 11), 4: (1, 3), 64: (1, 1)}[n_sm] == (cfg["fwd_rows"], cfg["bwd_rows"])
+    assert {1: (6, 11), 4: (2, 3), 64: (1, 1)}[n_sm] == (cfg["fwd_rows"], cfg["bwd_rows"])
     check_case(2, 11, 72, 2, 7, torch.float32, True)
 
 
@@ -207,18 +208,19 @@ def test_opcheck(monkeypatch, path):
     leaves = make_inputs(2, 7, 72, 2, torch.float32)
     x, y, gate, shift, scale, w, b = (t.detach().requires_grad_() for t in views(leaves, 2))
     dout = torch.randn(2, 7, 72)
+    mean, rstd = ea._row_stats(x.detach(), EPS)
     samples = [
         (torch.ops.cogvideox.expert_adaln, (x, shift, scale, 3, w, b, EPS)),
         (torch.ops.cogvideox.expert_adaln, (x, shift[:, :1], scale[:, :1], 3, None, None, EPS)),
         (torch.ops.cogvideox.expert_adaln_residual, (x, y, gate, shift, scale, 3, w, b, EPS)),
-        (torch.ops.cogvideox.expert_adaln_bwd, (dout, dout, x.detach(), y.detach(), gate.detach(), scale.detach(),
-                                                3, w.detach(), None, EPS)),
-        (torch.ops.cogvideox.expert_adaln_bwd, (dout, None, x.detach(), None, None, scale.detach(), 3, None,
-                                                b.detach(), EPS)),
+        (torch.ops.cogvideox.expert_adaln_bwd, (dout, dout, x.detach(), mean, rstd, y.detach(), gate.detach(),
+                                                scale.detach(), 3, w.detach(), None)),
+        (torch.ops.cogvideox.expert_adaln_bwd, (dout, None, x.detach(), mean, rstd, None, None, scale.detach(), 3,
+                                                None, b.detach())),
         # a context-parallel shard: offset 2, text_len 3 -> one text row
         (torch.ops.cogvideox.expert_adaln_residual, (x, y, gate, shift, scale, 3, w, b, EPS, 2)),
-        (torch.ops.cogvideox.expert_adaln_bwd, (dout, dout, x.detach(), y.detach(), gate.detach(), scale.detach(),
-                                                3, w.detach(), b.detach(), EPS, 2)),
+        (torch.ops.cogvideox.expert_adaln_bwd, (dout, dout, x.detach(), mean, rstd, y.detach(), gate.detach(),
+                                                scale.detach(), 3, w.detach(), b.detach(), 2)),
     ]
     for op, args in samples:
         torch.library.opcheck(op, args)
@@ -455,7 +457,7 @@ COGVIDEOX = {"2b": dict(B=2, S=17776, D=1920), "5b": dict(B=2, S=17776, D=3072)}
 
 def _aot_build(shape, dtype, residual, kernel):
     """compile_sm90 of one kernel variant at the block size and warps the launcher picks on an H100 (132 SMs)."""
-    cfg = ea.launch_config(**shape, n_sm=132)
+    cfg = ea.launch_config(**shape, n_sm=132, itemsize=4 if dtype == "fp32" else 2)
     if kernel == "fwd":
         fn, warps = ea._expert_adaln_fwd_kernel, cfg["fwd_warps"]
         ptrs = "X Y XN OUT GATE SHIFT SCALE W Bias"
@@ -465,12 +467,14 @@ def _aot_build(shape, dtype, residual, kernel):
         ptrs = "DOUT DXN X Y GATE SCALE W Bias DX DY"
         strides, flags = "s_xb s_xs s_yb s_ys s_gb s_ge s_cb s_ce", {"HAS_DXN": residual}
     sig = {n: "*" + dtype for n in ptrs.split()}
-    if kernel == "bwd":
-        sig["PART"] = "*fp32"
+    sig.update({n: "*fp32" for n in ("MEAN", "RSTD", "PART") if n in fn.arg_names})
+    sig = {n: sig[n] for n in fn.arg_names if n in sig}     # in the kernel's argument order
     sig.update({n: "i32" for n in ("S", "D", "text_len", "rows_per_prog")})
-    sig["eps"] = "fp32"
+    if kernel == "fwd":
+        sig["eps"] = "fp32"
     sig.update({n: "i32" for n in strides.split()})        # S*D and 6D fit in int32, as passed at launch
-    consts = dict(E=2, HAS_RESIDUAL=residual, HAS_WEIGHT=1, HAS_BIAS=1, BLOCK_D=cfg["BLOCK_D"], **flags)
+    consts = dict(E=2, HAS_RESIDUAL=residual, HAS_WEIGHT=1, HAS_BIAS=1, BLOCK_D=cfg["BLOCK_D"],
+                  STAGES=cfg["STAGES"], **flags)
     sig.update({k: "constexpr" for k in consts})
     # What the JIT specializes at these shapes: 16-byte aligned buffers, S = 16 * 1111, D and strides
     # multiples of 16 (text_len = 226 and rows_per_prog are not).
@@ -478,7 +482,24 @@ def _aot_build(shape, dtype, residual, kernel):
     info = compile_sm90(fn, sig, consts, num_warps=warps, divisible_by_16=div16)
     muls = [ln.strip() for ln in info.ttir.splitlines() if "arith.muli" in ln]
     return dict(dtype=dtype, residual=residual, kernel=kernel, warps=warps, n_regs=info.n_regs, spills=info.spills,
-                muls=muls)
+                muls=muls, shared=info.shared_bytes, loops=_row_loops(info.ptx))
+
+
+def _row_loops(ptx):
+    """Per innermost loop of the PTX (the row loop of each expert segment): bar.sync count, vector global loads
+    (ld.global.v*, issued in place) and cp.async copies (the pipeliner's prefetch into shared memory)."""
+    loops, body = [], None
+    for line in ptx.splitlines():
+        if "Inner Loop Header" in line:
+            body = []
+        elif body is not None:
+            body.append(line)
+            if re.search(r"@%p\d+ bra", line):
+                text = "\n".join(body)
+                loops.append(dict(bar_sync=text.count("bar.sync"), cp_async=text.count("cp.async.c"),
+                                  vector_ld_global=len(re.findall(r"ld\.global(\.\w+)*\.v\d", text))))
+                body = None
+    return loops
 
 
 @pytest.fixture(scope="module")
@@ -499,6 +520,30 @@ def test_aot_sm90_no_spills(aot_results):
         assert r["n_regs"] <= 128, f"{r['n_regs']} registers: occupancy too low for a memory-bound kernel ({r})"
 
 
+def test_aot_pipelined_row_loop(aot_results):
+    """Issue 10: the row loops load nothing in place but scalars (every row vector comes through cp.async, issued
+    rows ahead of the reductions), and a backward row waits at 3 barriers (the pipeline's, and one reduction of
+    sum(dxhat * xhat) and sum(dxhat) together), a forward row at 4. The old backward: 8, with the dx_new and y
+    loads behind all of them."""
+    for r in aot_results:
+        assert len(r["loops"]) == 2, r["loops"]                  # one row loop per expert segment
+        for loop in r["loops"]:
+            assert loop["vector_ld_global"] == 0 and loop["cp_async"] > 0, (r["model"], r["kernel"], loop)
+            assert loop["bar_sync"] <= (3 if r["kernel"] == "bwd" else 4), (r["model"], r["kernel"], loop)
+
+
+HOPPER_SMEM = 227 * 1024   # the most shared memory one program may use on sm_90
+
+
+def test_aot_pipeline_fits_shared_memory(aot_results):
+    """The pipeline's shared memory fits a Hopper program at CogVideoX widths, and at wider rows, where
+    launch_config drops stages (the launch would fail otherwise; the interpreter would not notice)."""
+    for r in aot_results:
+        assert r["shared"] <= HOPPER_SMEM, r
+    wide = _aot_build(dict(B=2, S=4096, D=16384), "bf16", 1, "bwd")       # 2 stages of 4 x 32 KB rows
+    assert 64 * 1024 < wide["shared"] <= HOPPER_SMEM, wide
+
+
 def test_aot_int64_offsets(aot_results):
     """Batch and row indices are widened before they meet a stride: every row offset multiply is i64. The only
     i32 multiplies left are pid * rows_per_prog (< S) and the program count (< 2^16)."""
@@ -513,19 +558,22 @@ LARGEST = dict(B=2, S=45106, D=3072)
 
 
 def test_launch_config():
-    """What the AOT tests compile is what the launcher picks; the backward stays at about two programs per SM."""
+    """What the AOT tests compile is what the launcher picks; the backward stays at about two programs per SM, the
+    forward at about four; 8 elements per thread; 3 pipeline stages for half types, 2 for fp32."""
     for shape in [*COGVIDEOX.values(), LARGEST]:
         cfg = ea.launch_config(**shape, n_sm=132)
         assert cfg["BLOCK_D"] >= shape["D"] and cfg["BLOCK_D"] < 2 * shape["D"]
         assert cfg["bwd_progs"] * shape["B"] <= 2 * 132 and cfg["bwd_rows"] * cfg["bwd_progs"] >= shape["S"]
+        assert cfg["fwd_progs"] * shape["B"] <= 4 * 132
         assert (cfg["fwd_progs"] - 1) * cfg["fwd_rows"] < shape["S"] <= cfg["fwd_progs"] * cfg["fwd_rows"]
-        assert cfg["BLOCK_D"] // (32 * cfg["bwd_warps"]) == 8 and cfg["BLOCK_D"] // (32 * cfg["fwd_warps"]) == 16
+        assert cfg["BLOCK_D"] // (32 * cfg["bwd_warps"]) == 8 and cfg["BLOCK_D"] // (32 * cfg["fwd_warps"]) == 8
+        assert cfg["STAGES"] == 3 and ea.launch_config(**shape, n_sm=132, itemsize=4)["STAGES"] == 2
 
 
 @pytest.mark.parametrize("B", [1, 2, 65536, 2**20])
 def test_grid_within_cuda_limits(B):
     """Grid (B, programs per sample): the interpreter takes any grid, CUDA only 65535 on axis 1. The program count
-    stays near 16 (forward) and 2 (backward) per SM whatever B and S are, so any batch launches."""
+    stays near 4 (forward) and 2 (backward) per SM whatever B and S are, so any batch launches."""
     for n_sm in (1, 132):
         cfg = ea.launch_config(B, LARGEST["S"], LARGEST["D"], n_sm)
         for progs in (cfg["fwd_progs"], cfg["bwd_progs"]):

@@ -122,10 +122,12 @@ def test_rope3d_on_the_strided_qkv_slice(backward):
 
 
 def test_expert_adaln_residual_backward():
+    """The row vectors are 16-byte copies (LDGSTS, the pipeline's prefetch); the 16-bit loads are the rows' shifts
+    x[0], one per row loop (two expert segments)."""
     B, S, D = 2, 226 + 13 * 30 * 45, 3072
-    x, mod, w = _meta(B, S, D), _meta(B, 2, D), _meta(D)
-    (b,) = _static.inspect_launcher(ea.expert_adaln_bwd, x, x, x, x, mod, mod, 226, w, w, 1e-5)
-    assert not b.spills and b.ldg[16] == 0 and b.stg[16] == 0 and b.ldg[128] >= 1, (b.ldg, b.stg)
+    x, mod, w, stats = _meta(B, S, D), _meta(B, 2, D), _meta(D), _meta(B, S, dtype=torch.float32)
+    (b,) = _static.inspect_launcher(ea.expert_adaln_bwd, x, x, x, stats, stats, x, mod, mod, 226, w, w)
+    assert not b.spills and b.ldg[16] <= 4 and b.stg[16] == 0 and b.ldg[128] >= 1, (b.ldg, b.stg)
 
 
 def test_static_table_runs_on_cpu(capsys):

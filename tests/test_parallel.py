@@ -237,13 +237,23 @@ def _generate(tmp_path, name, nproc=None, parallel=None, timeout=240):
     return load_file(str(out))["latents"], run
 
 
-@pytest.mark.parametrize("nproc,parallel", [(2, "cfg=2"), (4, "ulysses=2,ring=2")])
+def _frames(folder):
+    import numpy as np
+    from PIL import Image
+
+    return np.stack([np.asarray(Image.open(p)) for p in sorted(folder.glob("frame_*.png"))]).astype(int)
+
+
+@pytest.mark.parametrize("nproc,parallel", [(2, "cfg=2"), (4, "ulysses=2,ring=2,vae=2")])
 def test_torchrun_generate_writes_the_one_process_latents(tmp_path, nproc, parallel):
     """A 3-step tiny DPM run (stochastic sampler: every rank must draw the same noise) at 48 x 80: the latents that
-    rank 0 writes equal one process's; only rank 0 writes."""
+    rank 0 writes equal one process's, and so do the frames (decoded on 2 ranks with vae=2, to within one
+    8-bit level: 1e-6 differences may round a pixel the other way); only rank 0 writes."""
     one, _ = _generate(tmp_path, "one")
     many, run = _generate(tmp_path, "many", nproc, parallel)
     assert _rel(many, one) <= 1e-5
+    a, b = _frames(tmp_path / "one_frames"), _frames(tmp_path / "many_frames")
+    assert a.shape == b.shape == (9, 48, 80, 3) and abs(a - b).max() <= 1
     for written in ("many.safetensors", "frame_0000.png"):   # by rank 0 alone
         assert run.stdout.count(written) == 1, run.stdout
 

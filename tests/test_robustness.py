@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from cogvideox.config import TransformerConfig, VAEConfig
 from cogvideox.weights import CheckpointError, load_transformer
-from diffusers_models import tiny_diffusers_transformer
+from diffusers_models import save_pretrained, tiny_diffusers_transformer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -89,6 +89,16 @@ def test_index_cannot_reach_outside_the_folder(sharded, tmp_path):
     os.rename(tmp_path / "outside.safetensors", os.path.join(path, "real.bin"))
     os.symlink("real.bin", os.path.join(path, shard))
     load_transformer(path)
+
+
+def test_single_file_symlink_cannot_leave_the_folder(tmp_path):
+    ckpt = save_pretrained(tiny_diffusers_transformer("2b", seed=5), tmp_path / "elsewhere")
+    os.makedirs(tmp_path / "c")
+    os.rename(os.path.join(ckpt, "config.json"), tmp_path / "c" / "config.json")
+    os.symlink(os.path.join(ckpt, "diffusion_pytorch_model.safetensors"),
+               tmp_path / "c" / "diffusion_pytorch_model.safetensors")
+    with pytest.raises(CheckpointError, match="outside the checkpoint folder"):
+        load_transformer(str(tmp_path / "c"))
 
 
 def test_key_in_two_shards_is_an_error(sharded, tmp_path):
@@ -189,19 +199,20 @@ def test_config_dataclasses_check_types():
 # ---- presets -----------------------------------------------------------------------------------------------
 def test_tiny_presets_fit_together_and_the_tiny_vae_tiles():
     """The tiny transformer's latents are the tiny VAE's, and the tiny VAE's default tiles tile evenly, so its
-    tiled path runs (a 64 x 96 video, the tiny transformer's sample size, spans 2 x 3 tiles)."""
+    tiled path runs (the tiny transformer's 64 x 96 px sample spans 2 x 3 tiles; 7 x 6 latents, 2 x 2, here)."""
     from cogvideox.vae import CogVideoXVAE
 
     t, v = TransformerConfig.preset("tiny"), VAEConfig.preset("tiny")
     assert v.latent_channels == t.out_channels == t.in_channels
     torch.manual_seed(0)
     vae = CogVideoXVAE(v).eval()
+    assert vae.tile_grid("encode") == ((48, 40), (40, 32), (1, 1), (5, 4))   # tile, stride, blend, kept
     assert vae.tile_grid("decode") == ((6, 5), (5, 4), (8, 8), (40, 32))
-    z = torch.randn(1, t.out_channels, 1, t.sample_height, t.sample_width)
+    assert vae.plan("decode", (1, 4, 1, t.sample_height, t.sample_width), torch.float32, "cpu", tiling=True)[1]
+    z = torch.randn(1, t.out_channels, 1, 7, 6)
     tiled, untiled = vae.decode(z, tiling=True), vae.decode(z, tiling=False)
-    assert tiled.shape == untiled.shape == (1, 3, 1, 8 * t.sample_height, 8 * t.sample_width)
+    assert tiled.shape == untiled.shape == (1, 3, 1, 56, 48)
     assert (tiled - untiled).abs().max() > 0   # the tiled path really ran
-    assert vae.encode(tiled, tiling=True).mode().shape == z.shape
 
 
 # ---- non-finite numbers ------------------------------------------------------------------------------------
@@ -365,6 +376,18 @@ def test_failed_frame_folder_leaves_nothing(tmp_path, monkeypatch):
     assert os.path.dirname(calls[0]) != str(tmp_path / "clip")   # frames went to a temporary folder
     monkeypatch.setattr(Image.Image, "save", real_save)
     assert len(P.save_frames(frames, str(tmp_path / "clip"))) == 3 and os.listdir(tmp_path) == ["clip"]
+    # a failed rewrite keeps the earlier folder as it was
+    real_rename = os.rename
+
+    def rename_fails_on_the_new_folder(src, dst):
+        if ".partial-" in str(src):
+            raise OSError(5, "Input/output error")
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", rename_fails_on_the_new_folder)
+    with pytest.raises(OSError, match="Input/output"):
+        P.save_frames(frames[:1], str(tmp_path / "clip"))
+    assert os.listdir(tmp_path) == ["clip"] and len(os.listdir(tmp_path / "clip")) == 3
 
 
 def test_failed_mp4_leaves_nothing(tmp_path, monkeypatch):
@@ -435,3 +458,152 @@ def test_bench_compare_with_a_file_that_is_not_json(tmp_path, capsys):
             err = capsys.readouterr().err
             assert err.startswith("error: ") and str(bad) in err and "Traceback" not in err, err
     assert not (tmp_path / "run").exists()
+
+
+# ---- bench: what the rows and the report claim ---------------------------------------------------------------
+def _bench_ctx(size="small", **kw):
+    from bench.harness import Ceilings
+    from bench.runner import Context
+
+    ceilings = Ceilings(copy_gbps=1.0, matmul_tflops=1.0, copy_bytes=1 << 28, matmul_n=4096, matmul_dtype="fp32",
+                        copy_timing={}, matmul_timing={})
+    return Context(device=torch.device("cpu"), size=size, dtype=torch.float32, budget_s=0.001, compile=False,
+                   ceilings=ceilings, **kw)
+
+
+def _copy_suite(n_skipped=0):
+    from bench.runner import Case, Suite, Variant
+
+    x = torch.randn(1 << 12)
+
+    def build():
+        return ([Variant("ours", lambda: (lambda: x.clone()), bytes=2 * x.numel() * 4, max_reps=3)]
+                + [Variant(f"backend-{i % 2}", skip="flash_attn is not installed") for i in range(n_skipped)])
+    return Suite("kernels", "copy", lambda ctx: [Case("copy 4096", {"n": 4096}, build)])
+
+
+def test_small_rows_have_no_ceiling_and_cpu_rows_no_peak_memory(tmp_path):
+    """1.0 GB/s "ceilings" that a 16 KiB copy beats many times over: no % at small size, one at full size;
+    CPU peak memory is n/a, with the reason, never a number that depends on the run order."""
+    from bench import report
+    from bench.runner import CPU_NO_PEAK_MEM, SMALL_NO_CEILING, plan, run_planned
+
+    for size, has_pct in (("small", False), ("full", True)):
+        ctx = _bench_ctx(size)
+        (p,) = plan([_copy_suite()], ctx)
+        (row,), _ = run_planned(p, ctx, progress=lambda line: None)
+        assert row["gbps"] > 0 and (row["pct_of_ceiling"] is not None) == has_pct, row
+        assert row["peak_mem_bytes"] is None and row["peak_mem_kind"] == CPU_NO_PEAK_MEM
+    ctx = _bench_ctx("small")
+    (p,) = plan([_copy_suite()], ctx)
+    rows, summary = run_planned(p, ctx, progress=lambda line: None)
+    doc = {"created": "now", "size": "small", "argv": [], "device": {"name": "cpu", "type": "cpu"},
+           "environment": {"torch": "x", "triton": "x", "cuda": None, "driver": None, "git": {"commit": "c"}},
+           "ceilings": ctx.ceilings.as_dict(), "telemetry": {"available": False, "reason": "cpu"},
+           "suites": {"kernels": summary}, "rows": rows}
+    text = report.render(doc, [], None)
+    assert SMALL_NO_CEILING in text and CPU_NO_PEAK_MEM in text
+    assert "| n/a |" in text and "(copy)" not in text
+
+
+def test_skipped_rows_are_grouped_on_the_console():
+    from bench.runner import plan, run_planned
+
+    ctx = _bench_ctx()
+    (p,) = plan([_copy_suite(n_skipped=9)], ctx)
+    lines = []
+    rows, _ = run_planned(p, ctx, progress=lines.append)
+    assert len(rows) == 10 and sum(r["status"] == "skipped" for r in rows) == 9
+    skipped = [ln for ln in lines if "skipped" in ln]
+    assert len(skipped) == 2, lines                      # one line per (impl, reason), not one per row
+    assert any("backend-0: skipped: flash_attn is not installed (5 rows" in ln for ln in skipped), skipped
+
+
+def test_small_row_names_give_the_shapes_that_ran():
+    from bench.suites import attention, e2e, vae
+
+    ctx = _bench_ctx()
+    names = [c.name for s in (attention, vae, e2e) for c in s.cases(ctx)]
+    assert names and not [n for n in names if any(r in n for r in ("480x720", "768x1360", "256x384"))], names
+    assert "vae decode 32x48 3 latents" in names and "e2e 2b 9x32x48" in names
+    assert "attention-op 2b latent 3x12x16 3d" in names
+
+
+def test_e2e_split_is_the_median_calls_and_fits_in_the_total(monkeypatch):
+    """Scripted call times (warm-up, the timing estimate, then two timed calls): the row's time is the median of
+    the timed calls, and the split must not come from one call that was slower than that median."""
+    import time
+
+    import cogvideox.pipeline as pipeline
+    import cogvideox.vae as vae_mod
+    from bench.runner import run_variant
+    from bench.suites import e2e
+
+    vae_seconds = iter([0.001, 0.02, 0.01, 0.06])       # the last call is far slower than the median
+
+    class FakeVAE(torch.nn.Module):
+        def __init__(self, *a, **k):
+            super().__init__()
+
+        def decode(self, z):
+            time.sleep(next(vae_seconds))
+
+    def fake_generate(transformer, pos, neg, *, vae, **kw):
+        vae.decode(None)
+
+    monkeypatch.setattr(vae_mod, "CogVideoXVAE", FakeVAE)
+    monkeypatch.setattr(pipeline, "generate", fake_generate)
+    ctx = _bench_ctx(models=("2b",))
+    ctx.budget_s = 1.0
+    (case,) = e2e.cases(ctx)
+    (variant,) = case.build()
+    row = run_variant("e2e", case, variant, ctx)
+    e = row["extra"]
+    assert row["status"] == "ok" and row["reps"] == 2, row
+    total = row["median_ms"] / 1e3
+    assert e["vae_s"] <= total and e["vae_s"] + e["transformer_s"] + e["scheduler_s"] <= total * 1.0001, (e, total)
+
+
+def test_report_plots_keep_every_label_inside_the_image(tmp_path, monkeypatch):
+    """The kernels plot's y label was cut off (the rotated case names take the height): every title, axis label
+    and tick label must lie inside what is saved."""
+    matplotlib = pytest.importorskip("matplotlib", reason="the plots need matplotlib")
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    from bench import report
+
+    outside = []
+    real_savefig = Figure.savefig
+
+    def checking_savefig(fig, path, *a, **k):
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        area = (fig.get_tightbbox(renderer).transformed(fig.dpi_scale_trans) if k.get("bbox_inches") == "tight"
+                else fig.bbox)
+        for ax in fig.axes:
+            (x0, x1), (y0, y1) = sorted(ax.get_xlim()), sorted(ax.get_ylim())
+            ticks = [lab for pos, lab in zip(ax.get_xticks(), ax.get_xticklabels()) if x0 <= pos <= x1]
+            ticks += [lab for pos, lab in zip(ax.get_yticks(), ax.get_yticklabels()) if y0 <= pos <= y1]
+            for t in [ax.title, ax.xaxis.label, ax.yaxis.label, *ticks]:   # the drawn ones
+                b = t.get_window_extent(renderer)
+                if t.get_text() and (b.x0 < area.x0 - 1 or b.y0 < area.y0 - 1 or b.x1 > area.x1 + 1
+                                     or b.y1 > area.y1 + 1):
+                    outside.append((os.path.basename(path), t.get_text()))
+        return real_savefig(fig, path, *a, **k)
+
+    monkeypatch.setattr(Figure, "savefig", checking_savefig)
+    rows = []
+    for op in ("expert_adaln", "expert_adaln_residual", "rope3d", "causal_pad3d", "group_norm_silu_pad+zq"):
+        for model in ("2b", "5b"):
+            for p in ("fwd", "bwd", "fwd+bwd"):
+                for impl in ("eager", "ours"):
+                    rows.append({"suite": "kernels", "case": f"{op} {model}", "impl": impl, "pass": p,
+                                 "status": "ok", "pct_of_ceiling": 40.0, "gbps": 400.0, "median_ms": 1.0})
+    for res, seq in (("256x384x6s", 5218), ("480x720x6s", 17776)):
+        rows.append({"suite": "attention", "case": f"step 5b 3d {res}", "impl": "ours", "pass": "step",
+                     "status": "ok", "median_ms": seq / 10, "extra": {"model": "5b", "layout": "3d", "seq_len": seq}})
+    files, _ = report.make_plots({"rows": rows, "size": "full", "device": {"name": "NVIDIA H100 80GB HBM3"}},
+                                 str(tmp_path))
+    assert sorted(files) == ["dit_step_vs_seq.png", "kernels_pct_of_ceiling.png"]
+    assert not outside, outside

@@ -19,6 +19,12 @@ from . import _build
 SMALL_LATENTS = {"256x384x6s": (3, 8, 12), "480x720x6s": (3, 12, 16), "768x1360x5s": (3, 16, 24)}
 
 
+def _label(res: str, ctx: Context) -> str:
+    """The shape a row's name gives: the paper's resolution at full size; at small size the latent grid that ran
+    (a small row must not name a resolution it did not run)."""
+    return res if ctx.full else "latent " + "x".join(map(str, SMALL_LATENTS[res]))
+
+
 def _latent(res: str, ctx: Context) -> tuple[int, int, int]:
     if not ctx.full:
         return SMALL_LATENTS[res]
@@ -52,7 +58,8 @@ def _step_case(model: str, layout: str, ctx: Context) -> Case:
                 return step
             return make
 
-        return [Variant("ours", make_for(latent), pass_="step", label=res, flops=flops.dit_step_flops(s, layout),
+        return [Variant("ours", make_for(latent), pass_="step", label=_label(res, ctx),
+                        flops=flops.dit_step_flops(s, layout),
                         backend=("kernels" if ctx.device.type == "cuda" else "references (CPU)")
                         + (" + compile_blocks" if compile_ else ", eager"),
                         budget_s=max(ctx.budget_s, 3.0) if ctx.full else None, min_reps=3,
@@ -101,7 +108,7 @@ def _op_case(model: str, res: str, stage: str, ctx: Context) -> Case:
         return out
 
     shape = {"B": batch, "S": seq, "H": H, "Dh": Dh, "resolution": res}
-    return Case(f"attention-op {model} {res} {stage}", shape, build, est_bytes=2 * qkv_bytes)
+    return Case(f"attention-op {model} {_label(res, ctx)} {stage}", shape, build, est_bytes=2 * qkv_bytes)
 
 
 def _free(ctx: Context):

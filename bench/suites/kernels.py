@@ -333,16 +333,17 @@ def static_cases(models=("2b", "5b")) -> list[tuple]:
     for m in models:
         D, H = DIT[m]["dim"], DIT[m]["heads"]
         x, mod, w = _meta(B, S, D), _meta(B, 2, D), _meta(D)
+        stats = _meta(B, S, dtype=torch.float32)                 # the forward's saved mean / rstd
         tag = f"{m} {B}x{S}x{D}"
         nb = flops.expert_adaln_bytes(B, S, D, 2)
         out += [("expert_adaln", tag, "fwd", ea.expert_adaln_fwd, (x, None, None, mod, mod, L, w, w, 1e-5), nb["fwd"]),
-                ("expert_adaln", tag, "bwd", ea.expert_adaln_bwd, (x, None, x, None, None, mod, L, w, w, 1e-5),
+                ("expert_adaln", tag, "bwd", ea.expert_adaln_bwd, (x, None, x, stats, stats, None, None, mod, L, w, w),
                  nb["bwd"])]
         nb = flops.expert_adaln_residual_bytes(B, S, D, 2)
         out += [("expert_adaln_residual", tag, "fwd", ea.expert_adaln_fwd, (x, x, mod, mod, mod, L, w, w, 1e-5),
                  nb["fwd"]),
-                ("expert_adaln_residual", tag, "bwd", ea.expert_adaln_bwd, (x, x, x, x, mod, mod, L, w, w, 1e-5),
-                 nb["bwd"])]
+                ("expert_adaln_residual", tag, "bwd", ea.expert_adaln_bwd,
+                 (x, x, x, stats, stats, x, mod, mod, L, w, w), nb["bwd"])]
         Dh = D // H
         q = _meta(B, S, 3, H, Dh)[:, :, 0]                       # (B, S, H, Dh), the model's strided q slice
         start, step, wq = _meta(3, dtype=torch.float32), _meta(3, dtype=torch.float32), _meta(Dh)

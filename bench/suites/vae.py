@@ -14,12 +14,20 @@ from .. import flops
 from ..runner import Case, Context, Suite, Variant, _is_oom
 from . import _build
 
-# name -> (kind, input shape (B, C, T, H, W) full, small)
+# name -> (kind, input shape (B, C, T, H, W) full, small); small decodes have the tiny VAE's 4 latent channels.
 JOBS = {
     "decode 480x720 13 latents": ("decode", (1, 16, 13, 60, 90), (1, 4, 3, 4, 6)),
     "decode 768x1360 21 latents": ("decode", (1, 16, 21, 96, 170), (1, 4, 5, 4, 8)),
     "encode 480x720 49 frames": ("encode", (1, 3, 49, 480, 720), (1, 3, 9, 32, 48)),
 }
+
+
+def _name(kind: str, shape, spatial: int) -> str:
+    """The row's name, from the shape that runs: "decode 480x720 13 latents" at full size, "decode 32x48 3
+    latents" at small size (JOBS' keys name the full shapes)."""
+    _, _, T, H, W = shape
+    f = spatial if kind == "decode" else 1
+    return f"{kind} {H * f}x{W * f} {T} {'latents' if kind == 'decode' else 'frames'}"
 
 
 def _widest_bytes(kind: str, shape, cfg, item: int) -> int:
@@ -105,7 +113,8 @@ def _case(name: str, ctx: Context) -> Case:
                         collect=lambda: {"tiled": state.get("diffusers_tiled")}, **common)]
 
     est = params * item + 10 * _widest_bytes(kind, shape, cfg, item)
-    return Case(f"vae {name}", {"input": list(shape), "kind": kind}, build, est_bytes=est)
+    return Case(f"vae {_name(kind, shape, cfg.spatial_compression)}", {"input": list(shape), "kind": kind}, build,
+                est_bytes=est)
 
 
 def cases(ctx: Context) -> list[Case]:
