@@ -571,7 +571,8 @@ class CogVideoXVAE(nn.Module):
         output (differentiable: encode can be trained split, gradients as in `cogvideox.parallel`: the input's is
         whole on every rank, parameters' are partial, sum them over the group); else only rank 0, the others None.
         Tiling: a split run is untiled on every rank (splitting is what cuts its memory), so tiling=True raises
-        instead of silently giving the untiled result; None and False run untiled. After the call,
+        instead of silently giving the untiled result; None and False run untiled. With vae=1 the one VAE rank
+        runs the one-process code, tiling rules included. After the call,
         `self.last_split` is this rank's cogvideox.parallel.VAESplit (layout, bytes sent)."""
         if not isinstance(pm, cp.ParallelMesh):
             raise TypeError(f"parallel must be a ParallelMesh (cogvideox.parallel.init_parallel), got "

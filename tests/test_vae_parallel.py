@@ -68,7 +68,8 @@ def _forward_case(vae, pm, case, ref):
 
 def _grads(vae, T, h, w, pm=None, layout=None):
     """encode's forward with autograd and its backward: {"posterior": mean | logvar, "video": dL/dvideo, encoder
-    parameter name: dL/dparameter}, L a random projection of the posterior's mean and logvar; split over pm's ranks (parameter gradients summed over them) when pm is given."""
+    parameter name: dL/dparameter}, L a random projection of the posterior's mean and logvar; split over pm's ranks
+    (parameter gradients summed over them) when pm is given."""
     vae.train()
     vae.zero_grad(set_to_none=True)
     video = _input("encode", 1, T, h, w).requires_grad_(True)
