@@ -7,6 +7,8 @@ the same inputs, runs the one-process untiled encode / decode, then the split on
 - Layouts that merge GroupNorm statistics over ranks (rows split, or whole-video statistics) sum in another order:
   fp32, relative error (max |diff| / max |ref|) <= 1e-5. Measured (CPU, fp32, these shapes): up to 1.4e-6, the size
   of one process's own fp32 error against its fp64 run (1.1e-6 on the tiny encode of 17 frames).
+Backward (training under the split): encode's and decode's input gradient and every parameter's (summed over the
+ranks) equal one process's, temporal, spatial and both.
 Shapes are tiny and odd (latent rows 3, columns 5; rows that do not divide by the degree), many cases per spawn;
 the one-process results are computed once, in the test process, and handed to the workers.
 """
@@ -66,30 +68,34 @@ def _forward_case(vae, pm, case, ref):
     return vae.last_split
 
 
-def _grads(vae, T, h, w, pm=None, layout=None):
-    """encode's forward with autograd and its backward: {"posterior": mean | logvar, "video": dL/dvideo, encoder
-    parameter name: dL/dparameter}, L a random projection of the posterior's mean and logvar; split over pm's ranks
-    (parameter gradients summed over them) when pm is given."""
+def _grads(vae, kind, T, h, w, pm=None, layout=None):
+    """encode's or decode's forward with autograd and its backward: {"out": the output (posterior mean | logvar,
+    or video), "input": dL/dinput, parameter name: dL/dparameter} for the encoder's or decoder's parameters, L a
+    random projection of the output; split over pm's ranks (parameter gradients summed over them) when pm is
+    given."""
     vae.train()
     vae.zero_grad(set_to_none=True)
-    video = _input("encode", 1, T, h, w).requires_grad_(True)
-    post = vae.encode(video, tiling=False, **({} if pm is None else {"parallel": pm, "layout": layout}))
-    w1 = torch.randn(post.mean.shape, generator=torch.Generator().manual_seed(6))
-    w2 = torch.randn(post.mean.shape, generator=torch.Generator().manual_seed(7))
-    ((post.mean * w1).sum() + (post.logvar * w2).sum()).backward()
+    x = _input(kind, 1, T, h, w).requires_grad_(True)
+    split = {} if pm is None else {"parallel": pm, "layout": layout}
+    if kind == "encode":
+        post = vae.encode(x, tiling=False, **split)
+        out = torch.cat([post.mean, post.logvar], dim=1)
+    else:
+        out = vae.decode(x, tiling=False, **split)
+    (out * torch.randn(out.shape, generator=torch.Generator().manual_seed(6))).sum().backward()
     cp.reduce_vae_gradients(vae.parameters(), pm)
     vae.eval()
-    return {"posterior": torch.cat([post.mean, post.logvar], dim=1).detach(), "video": video.grad,
-            **{k: p.grad for k, p in vae.encoder.named_parameters()}}
+    net = vae.encoder if kind == "encode" else vae.decoder
+    return {"out": out.detach(), "input": x.grad, **{k: p.grad for k, p in net.named_parameters()}}
 
 
 def _backward_case(vae, pm, case, ref):
-    """encode's backward under the split: the video's gradient (whole on every rank) and every parameter's (summed
-    over the VAE group) equal one process's, ref."""
-    layout, T, h, w = case
-    got = _grads(vae, T, h, w, pm, layout)
+    """Backward under the split: the input's gradient (whole on every rank) and every parameter's (summed over the
+    VAE group) equal one process's, ref. case: (kind, layout, frames, latent rows, latent columns)."""
+    kind, layout, T, h, w = case
+    got = _grads(vae, kind, T, h, w, pm, layout)
     bad = {k: _rel(got[k], r) for k, r in ref.items() if not _rel(got[k], r) <= TOL}
-    assert not bad, f"encode backward, layout {layout}, {T} frames: relative errors above {TOL}: {bad}"
+    assert not bad, f"{kind} backward, layout {layout}, {T} frames: relative errors above {TOL}: {bad}"
 
 
 def _worker(rank, world, forward_cases, backward_cases, checks):
@@ -111,7 +117,7 @@ def _spawn(world, forward_cases, backward_cases, checks):
     torch.set_num_threads(1)
     try:
         forward = [(c, _reference(c)) for c in forward_cases]
-        backward = [(c, _grads(_vae(), *c[1:])) for c in backward_cases]
+        backward = [(c, _grads(_vae(), c[0], *c[2:])) for c in backward_cases]
     finally:
         torch.set_num_threads(threads)
     run_workers(_worker, world, forward, backward, checks)
@@ -215,15 +221,16 @@ FOUR = [
 
 
 def test_two_ranks():
-    _spawn(2, TWO, [((2, 1), 17, 2, 2), ((1, 2), 9, 3, 2)], ["_check_errors", "_check_broken_halo"])
+    _spawn(2, TWO, [("encode", (2, 1), 17, 2, 2), ("encode", (1, 2), 9, 3, 2), ("decode", (2, 1), 5, 3, 5),
+                    ("decode", (1, 2), 3, 3, 5)], ["_check_errors", "_check_broken_halo"])
 
 
 def test_three_ranks():
-    _spawn(3, THREE, [((1, 3), 9, 3, 2)], ["_check_outside_group"])
+    _spawn(3, THREE, [("encode", (1, 3), 9, 3, 2)], ["_check_outside_group"])
 
 
 def test_four_ranks():
-    _spawn(4, FOUR, [((2, 2), 17, 2, 2)], [])
+    _spawn(4, FOUR, [("encode", (2, 2), 17, 2, 2), ("decode", (2, 2), 5, 3, 5)], [])
 
 
 def test_layout_rules():
