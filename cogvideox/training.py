@@ -205,3 +205,85 @@ def merged_state(model) -> dict:
             continue
         out[k] = v
     return out
+
+
+# ---- progressive resolution and buckets ---------------------------------------------------------------------
+@dataclass(frozen=True)
+class Stage:
+    """One stage of progressive training: `steps` optimizer steps on videos of at most height x width pixels and
+    `frames` frames (4k + 1), `batch_size` videos per step (the global batch)."""
+    steps: int
+    height: int
+    width: int
+    frames: int
+    batch_size: int
+
+    def __post_init__(self):
+        for name in ("steps", "height", "width", "frames", "batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"Stage.{name} must be a positive int, got {value!r}")
+        if (self.frames - 1) % 4:
+            raise ValueError(f"Stage.frames must be 4k + 1 (the VAE's temporal compression), got {self.frames}")
+
+
+def paper_stages(fps: int = 8) -> tuple[Stage, ...]:
+    """The paper's progressive schedule (arXiv 2408.06072, appendix table "Training Stage"): max resolution
+    256x384, 480x720, 768x1360, 768x1360 (high-quality fine-tuning); max duration 6, 6, 10, 10 s; batch 2000, 1000,
+    250, 100; 400k, 220k, 120k, 10k steps. Durations become frames at `fps` (8: 49 and 81 frames, 4k + 1)."""
+    def frames(seconds):
+        return 4 * round(seconds * fps / 4) + 1
+
+    return (Stage(400_000, 256, 384, frames(6), 2000), Stage(220_000, 480, 720, frames(6), 1000),
+            Stage(120_000, 768, 1360, frames(10), 250), Stage(10_000, 768, 1360, frames(10), 100))
+
+
+def stage_at(stages, step: int) -> tuple[int, Stage]:
+    """(index, stage) that optimizer step `step` (0-based) belongs to; past the last stage, the last one."""
+    if not stages:
+        raise ValueError("stages must hold at least one Stage")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"step must be an int >= 0, got {step!r}")
+    end = 0
+    for i, stage in enumerate(stages):
+        end += stage.steps
+        if step < end:
+            return i, stage
+    return len(stages) - 1, stages[-1]
+
+
+def stage_size(height: int, width: int, stage: Stage, multiple: int = 16) -> tuple[int, int]:
+    """A video's training size in `stage`: the aspect ratio kept, only the short side scaled (paper §3.3), to the
+    stage's short side, then rounded down to `multiple` (VAE x8 and patch 2: 16) and capped at the stage's long
+    side. -> (height, width)."""
+    if height < 1 or width < 1:
+        raise ValueError(f"height and width must be positive, got {height} x {width}")
+    short, long_ = min(stage.height, stage.width), max(stage.height, stage.width)
+    scale = short / min(height, width)
+    h, w = height * scale, width * scale
+    cap = long_ / max(h, w)
+    if cap < 1:
+        h, w = h * cap, w * cap
+    return max(multiple, int(h) // multiple * multiple), max(multiple, int(w) // multiple * multiple)
+
+
+def bucket_batches(shapes, batch_size: int, generator: torch.Generator | None = None,
+                   drop_last: bool = False) -> list[list[int]]:
+    """One epoch of batches in which every sample has the same shape (a bucket per shape, e.g. (frames, h, w)):
+    indices shuffled within each bucket, then the batches of all buckets shuffled together; every index appears
+    once (drop_last drops each bucket's incomplete batch). Deterministic for a seeded generator."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    buckets: dict = {}
+    for i, shape in enumerate(shapes):
+        buckets.setdefault(tuple(shape), []).append(i)
+    batches = []
+    for key in sorted(buckets):
+        members = buckets[key]
+        order = torch.randperm(len(members), generator=generator).tolist()
+        members = [members[j] for j in order]
+        for a in range(0, len(members), batch_size):
+            batch = members[a:a + batch_size]
+            if len(batch) == batch_size or not drop_last:
+                batches.append(batch)
+    return [batches[j] for j in torch.randperm(len(batches), generator=generator).tolist()]

@@ -732,3 +732,45 @@ def test_train_bench_suite_lists_and_runs_a_step():
             step = v.make()
             first, second = step().item(), step().item()
             assert math.isfinite(first) and second != first          # the optimizer step changed the model
+
+
+# ---- progressive resolution and buckets -----------------------------------------------------------------------
+def test_paper_stages_and_stage_at():
+    from cogvideox.training import Stage, paper_stages, stage_at
+
+    stages = paper_stages()
+    assert [(s.height, s.width, s.frames, s.batch_size, s.steps) for s in stages] == [
+        (256, 384, 49, 2000, 400_000), (480, 720, 49, 1000, 220_000), (768, 1360, 81, 250, 120_000),
+        (768, 1360, 81, 100, 10_000)]
+    assert paper_stages(fps=16)[2].frames == 161
+    assert stage_at(stages, 0)[0] == 0 and stage_at(stages, 399_999)[0] == 0 and stage_at(stages, 400_000)[0] == 1
+    assert stage_at(stages, 620_000)[0] == 2 and stage_at(stages, 10 ** 9)[0] == 3
+    with pytest.raises(ValueError, match="frames must be 4k"):
+        Stage(1, 256, 384, 48, 2)
+    with pytest.raises(ValueError, match="step"):
+        stage_at(stages, -1)
+
+
+def test_stage_size_keeps_the_aspect_ratio():
+    from cogvideox.training import Stage, stage_size
+
+    s = Stage(1, 480, 720, 49, 1)
+    assert stage_size(1080, 1920, s) == (400, 720)       # 16:9: short side 480 would make 853 > 720 wide: capped
+    assert stage_size(720, 960, s) == (480, 640)          # 4:3 keeps its ratio
+    assert stage_size(1920, 1080, s) == (720, 400)        # portrait
+    h, w = stage_size(333, 500, Stage(1, 256, 384, 49, 1))
+    assert h % 16 == 0 and w % 16 == 0 and h <= 256 and w <= 384
+
+
+def test_bucket_batches():
+    from cogvideox.training import bucket_batches
+
+    shapes = [(49, 480, 720)] * 5 + [(81, 768, 1360)] * 3 + [(49, 256, 384)] * 4
+    g = torch.Generator().manual_seed(0)
+    batches = bucket_batches(shapes, 2, g)
+    assert sorted(i for b in batches for i in b) == list(range(12))
+    assert all(len({shapes[i] for i in b}) == 1 for b in batches)
+    again = bucket_batches(shapes, 2, torch.Generator().manual_seed(0))
+    assert again == batches and bucket_batches(shapes, 2, torch.Generator().manual_seed(1)) != batches
+    full = bucket_batches(shapes, 2, torch.Generator().manual_seed(0), drop_last=True)
+    assert all(len(b) == 2 for b in full) and len(full) == 5
