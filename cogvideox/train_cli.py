@@ -444,6 +444,10 @@ def train_command(parser, a) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    else:
+        # every rank done with every collective (FSDP's last reduce-scatters included) before any tears its gloo
+        # pairs down: on a loaded machine a rank once aborted at exit without this
+        d.barrier()
     finally:
         d.close()
     return 0

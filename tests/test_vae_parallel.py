@@ -293,7 +293,8 @@ def test_profile_decode():
 
 def _bench_worker(rank, world, out):
     from bench.cli import main
-    assert main(["vae_parallel", "--filter", "480x720", "--out", out, "--no-plots", "--budget", "0.01"]) == 0
+    # small size: the 480x720 job runs 5 latents of 4 x 6, so its row is "decode 32x48 5 latents"
+    assert main(["vae_parallel", "--filter", "32x48 5", "--out", out, "--no-plots", "--budget", "0.01"]) == 0
 
 
 def test_bench_suite_two_processes(tmp_path):
@@ -302,6 +303,7 @@ def test_bench_suite_two_processes(tmp_path):
     import json
     run_workers(_bench_worker, 2, str(tmp_path), timeout=300)
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert {r["case"] for r in rows} == {"vae_parallel decode 32x48 5 latents"}, rows
     by_impl = {r["impl"]: r for r in rows}
     assert set(by_impl) == {"1 process", "split 2"}, by_impl.keys()
     assert all(r["status"] == "ok" and r["extra"]["predicted_ms"] > 0 and "predicted" in r["extra"]["summary"]

@@ -34,6 +34,7 @@ import torch
 
 from ..runner import Case, Context, Suite, SuiteSkipped, Variant
 from . import _build
+from . import vae as vae_suite
 
 # name -> (latent shape (B, C, F, h, w) full, small)
 JOBS = {
@@ -251,7 +252,9 @@ def _case(name: str, ctx: Context) -> Case:
 
     item = torch.tensor([], dtype=ctx.dtype).element_size()
     est = 16 * cfg.block_out_channels[0] * min(9, 4 * shape[2] - 3) * shape[3] * shape[4] * 64 * item
-    return Case(f"vae_parallel {name}", {"input": list(shape), "ranks": n}, build, est_bytes=est)
+    # named by the shape that runs (JOBS' keys name the full shapes)
+    return Case(f"vae_parallel {vae_suite._name('decode', shape, cfg.spatial_compression)}",
+                {"input": list(shape), "ranks": n}, build, est_bytes=est)
 
 
 def cases(ctx: Context) -> list[Case]:
