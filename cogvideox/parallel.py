@@ -27,7 +27,7 @@ current chunk's attention), and each op below has its exact adjoint as backward.
 function here is the identity and the model runs the plain single-device code.
 
 Gradients: forward and backward are exact. Parameters see only their rank's tokens, so after backward each rank
-holds a partial parameter gradient; `reduce_gradients(model, mesh)` sums them over the sequence group (what a
+holds a partial parameter gradient; `reduce_gradients(model.parameters(), mesh)` sums them over the sequence group (what a
 data-parallel user expects: then they equal one process's). Input gradients (latents, text) are complete on every
 rank (`shard`'s backward is an all-reduce).
 """
@@ -187,17 +187,30 @@ def init_parallel(settings: Parallel, device: str | torch.device | None = None) 
 
     s = settings
     mesh = init_device_mesh(device.type, (s.cfg, s.ring, s.ulysses), mesh_dim_names=("cfg", "ring", "ulysses"))
-    seq_mesh = mesh["ring", "ulysses"]._flatten("seq") if s.seq > 1 else mesh["ring", "ulysses"]
     # new_group is collective: every rank creates the VAE group, only its members keep it.
     vae_group = dist.new_group(list(range(s.vae))) if s.vae < world else dist.group.WORLD
-    pm = ParallelMesh(
+    return ParallelMesh(
         settings=s, mesh=mesh, device=device,
-        seq_group=seq_mesh.get_group() if s.seq > 1 else mesh.get_group("ulysses"),
+        seq_group=mesh["ring", "ulysses"]._flatten("seq").get_group() if s.seq > 1 else mesh.get_group("ulysses"),
         ring_group=mesh.get_group("ring"), ulysses_group=mesh.get_group("ulysses"), cfg_group=mesh.get_group("cfg"),
         vae_group=vae_group if rank < s.vae else None, rank=rank,
         cfg_rank=mesh.get_local_rank("cfg"), ring_rank=mesh.get_local_rank("ring"),
         ulysses_rank=mesh.get_local_rank("ulysses"))
-    return pm
+
+
+def _agree(what: str, value, group=None) -> None:
+    """ParallelError on every rank of `group` (None: the world) unless all of them pass the same `value`."""
+    values = [None] * dist.get_world_size(group)
+    dist.all_gather_object(values, value, group=group)
+    if any(v != values[0] for v in values):
+        raise ParallelError(f"{what}: " + "; ".join(f"rank {i}: {v!r}" for i, v in enumerate(values)))
+
+
+def _sum_grads(parameters, group) -> None:
+    """Sum every parameter's gradient over `group`, in place."""
+    for p in parameters:
+        if p.grad is not None:
+            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM, group=group)
 
 
 def check_same(pm: ParallelMesh | None, what: str, value) -> None:
@@ -205,10 +218,7 @@ def check_same(pm: ParallelMesh | None, what: str, value) -> None:
     disagreeing ranks fail with a message instead of hanging in a collective."""
     if pm is None or dist.get_world_size() == 1:
         return
-    values = [None] * dist.get_world_size()
-    dist.all_gather_object(values, value)
-    if any(v != values[0] for v in values):
-        raise ParallelError(f"ranks disagree on {what}: " + "; ".join(f"rank {i}: {v!r}" for i, v in enumerate(values)))
+    _agree(f"ranks disagree on {what}", value)
 
 
 # ---- sequence split and gather (autograd: each the other's adjoint) ----------------------------------------------
@@ -421,9 +431,7 @@ def reduce_gradients(parameters, pm: ParallelMesh | None) -> None:
     """Sum every parameter's gradient over the sequence group (each rank saw only its tokens), in place."""
     if pm is None or pm.settings.seq == 1:
         return
-    for p in parameters:
-        if p.grad is not None:
-            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM, group=pm.seq_group)
+    _sum_grads(parameters, pm.seq_group)
 
 
 
@@ -648,11 +656,7 @@ def gather_pieces(pieces: Sequence, keys: Sequence, split: VAESplit, everywhere:
 def check_same_vae(split: VAESplit, what: str, value) -> None:
     """ParallelError unless every rank of the VAE group passes the same `value` (checked up front, so disagreeing
     ranks fail with a message instead of hanging in a transfer)."""
-    values = [None] * dist.get_world_size(split.group)
-    dist.all_gather_object(values, value, group=split.group)
-    if any(v != values[0] for v in values):
-        raise ParallelError(f"VAE ranks disagree on {what}: "
-                            + "; ".join(f"rank {i}: {v!r}" for i, v in enumerate(values)))
+    _agree(f"VAE ranks disagree on {what}", value, split.group)
 
 
 def reduce_vae_gradients(parameters, pm: ParallelMesh | None) -> None:
@@ -660,6 +664,4 @@ def reduce_vae_gradients(parameters, pm: ParallelMesh | None) -> None:
     its pieces), in place; then they equal one process's. No-op without a mesh, with vae=1, or outside the group."""
     if pm is None or pm.settings.vae == 1 or pm.vae_group is None:
         return
-    for p in parameters:
-        if p.grad is not None:
-            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM, group=pm.vae_group)
+    _sum_grads(parameters, pm.vae_group)

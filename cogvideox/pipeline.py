@@ -163,8 +163,8 @@ def denoise(model: Callable, latents: torch.Tensor, prompt_embeds: torch.Tensor,
         steps_iter = tqdm(steps_iter, desc=f"{sampler} sampling")
     text = prompt_embeds.chunk(2)[parallel.cfg_rank] if split_cfg else prompt_embeds   # this rank's half
     kwargs = {"parallel": parallel} if parallel is not None else {}
+    copies = 2 if cfg and not split_cfg else 1                                 # the batched CFG halves
     for i, t in enumerate(steps_iter):
-        copies = 2 if cfg and not split_cfg else 1
         x = torch.cat([latents] * copies) if copies > 1 else latents           # (2B or B, F, C, h, w)
         if image_latents is not None:
             img = torch.cat([image_latents] * copies) if copies > 1 else image_latents
@@ -204,8 +204,7 @@ def generate(transformer, prompt_embeds: torch.Tensor, negative_prompt_embeds: t
     """Sample a video. prompt_embeds (B, L, D) in the model dtype; negative_prompt_embeds the same shape, required
     when guidance_scale > 1 (diffusers encodes "" for it). image: (B, 3, H, W) in [-1, 1] for I2V models.
     parallel: a `cogvideox.parallel.ParallelMesh` (every rank calls generate with the same arguments; see
-    `denoise`); the VAE decodes on the mesh's first `vae` ranks (all of them when the VAE takes `parallel=`, else
-    rank 0 alone), and `video` is None on the other ranks."""
+    `denoise`); the VAE decodes on the mesh's first `vae` ranks, and `video` is None on every rank but 0."""
     cfg = transformer.config
     i2v = image is not None
     check_number("guidance_scale", guidance_scale, 0.0)

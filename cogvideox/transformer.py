@@ -411,7 +411,8 @@ class CogVideoXTransformer(nn.Module):
                                              offset=start + v0, weight=self.norm_final.weight,
                                              bias=self.norm_final.bias, eps=self.norm_final.eps)   # (B, n, D)
         shift, scale = self.norm_out.linear(F.silu(emb)).unflatten(1, (2, 1, -1)).unbind(1)   # (B, 1, D) each
-        # Under CUDA autocast norm_final returns fp32 and the Linear bf16: modulate in fp32, as diffusers does.
+        # The modulation in x's dtype: the residual stream's, or fp32 from norm_final under CUDA autocast when the
+        # model has no blocks (the Linear gives bf16 there).
         shift, scale = shift.to(x.dtype), scale.to(x.dtype)
         x = ops.expert_adaln(x, shift, scale, 0, weight=self.norm_out.norm.weight, bias=self.norm_out.norm.bias,
                              eps=self.norm_out.norm.eps)
