@@ -7,10 +7,12 @@ from .causal_pad3d import causal_pad3d, causal_pad3d_ref
 from .expert_adaln import expert_adaln, expert_adaln_ref, expert_adaln_residual, expert_adaln_residual_ref
 from .group_norm_silu_pad import group_norm_silu_pad, group_norm_silu_pad_ref
 from .rope3d import rope3d, rope3d_ref
+from .segments import Segments
 
 __all__ = [
     "causal_pad3d", "causal_pad3d_ref",
     "expert_adaln", "expert_adaln_ref", "expert_adaln_residual", "expert_adaln_residual_ref",
     "group_norm_silu_pad", "group_norm_silu_pad_ref",
     "rope3d", "rope3d_ref",
+    "Segments",
 ]

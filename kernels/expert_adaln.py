@@ -44,6 +44,7 @@ import triton.language as tl
 from ._dispatch import (check_eps, check_grid, check_like, check_offset, check_params, check_shape, check_tensor,
                         check_text_len, last_dim_contiguous, local_text_len, num_sms, use_triton)
 from ._triton_common import cast_rtne
+from .segments import segment_rows
 
 
 def expert_rows(p: torch.Tensor, text_len: int, seq_len: int, offset: int = 0) -> torch.Tensor:
@@ -64,22 +65,29 @@ def expert_sum(t: torch.Tensor, text_len: int, E: int, offset: int = 0) -> torch
     return torch.stack([t[:, :n_text].sum(1), t[:, n_text:].sum(1)], dim=1)
 
 
-def expert_adaln_ref(x, shift, scale, text_len, weight=None, bias=None, eps=1e-5, offset=0):
-    """Pure torch, fp32 inside, one rounding to x.dtype at the end."""
+def _rows(p, text_len, S, offset, segments):
+    """Per-token modulation rows: of a (B, S) joint sequence (expert_rows) or of a packed one (segment_rows)."""
+    return expert_rows(p, text_len, S, offset) if segments is None else segment_rows(p, segments)
+
+
+def expert_adaln_ref(x, shift, scale, text_len, weight=None, bias=None, eps=1e-5, offset=0, segments=None):
+    """Pure torch, fp32 inside, one rounding to x.dtype at the end. segments: a kernels.Segments, x the packed
+    (1, N, D) sequence and shift / scale (n, E, D), one row per segment (text_len is then unused)."""
     B, S, D = x.shape
     w = None if weight is None else weight.float()
     b = None if bias is None else bias.float()
     normed = F.layer_norm(x.float(), (D,), w, b, eps)
-    out = normed * (1 + expert_rows(scale.float(), text_len, S, offset))
-    out = out + expert_rows(shift.float(), text_len, S, offset)
+    out = normed * (1 + _rows(scale.float(), text_len, S, offset, segments))
+    out = out + _rows(shift.float(), text_len, S, offset, segments)
     return out.to(x.dtype)
 
 
-def expert_adaln_residual_ref(x, y, gate, shift, scale, text_len, weight=None, bias=None, eps=1e-5, offset=0):
-    """x_new = x + gate * y (rounded to x.dtype), then expert_adaln_ref(x_new, ...)."""
+def expert_adaln_residual_ref(x, y, gate, shift, scale, text_len, weight=None, bias=None, eps=1e-5, offset=0,
+                              segments=None):
+    """x_new = x + gate * y (rounded to x.dtype), then expert_adaln_ref(x_new, ...). segments: as expert_adaln_ref."""
     S = x.shape[1]
-    x_new = (x.float() + expert_rows(gate.float(), text_len, S, offset) * y.float()).to(x.dtype)
-    return x_new, expert_adaln_ref(x_new, shift, scale, text_len, weight, bias, eps, offset)
+    x_new = (x.float() + _rows(gate.float(), text_len, S, offset, segments) * y.float()).to(x.dtype)
+    return x_new, expert_adaln_ref(x_new, shift, scale, text_len, weight, bias, eps, offset, segments)
 
 
 @triton.jit

@@ -105,8 +105,14 @@ def _shard_table(x_len, text_len, grid, start, step, theta, axes_dim, device, of
 
 
 def rope3d_ref(x, text_len, grid, start=(0.0, 0.0, 0.0), step=(1.0, 1.0, 1.0), theta=10000.0, axes_dim=None,
-               weight=None, bias=None, eps=1e-6, offset=None):
-    """Pure torch, fp32 inside, one rounding to x.dtype at the end. offset: as rope3d."""
+               weight=None, bias=None, eps=1e-6, offset=None, segments=None):
+    """Pure torch, fp32 inside, one rounding to x.dtype at the end. offset: as rope3d.
+    segments: a kernels.Segments; x is the packed (1, N, H, Dh) sequence, each segment rotated with its own text
+    length, grid and positions (text_len, grid, start, step are then unused)."""
+    if segments is not None:
+        return torch.cat([rope3d_ref(x[:, a:b], L, g, s0, s1, theta, axes_dim, weight, bias, eps)
+                          for (a, b), L, g, s0, s1 in zip(segments.ranges(), segments.text_lens, segments.grids,
+                                                          segments.start, segments.step)], dim=1)
     B, S, H, Dh = x.shape
     axes_dim = tuple(axes_dim) if axes_dim is not None else default_axes_dim(Dh)
     xf = x.float()
