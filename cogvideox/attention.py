@@ -2,6 +2,10 @@
 
 Layout: q, k, v are (B, S, H, Dh) (the natural layout after the fused QKV projection); the output is (B, S, H, Dh).
 Full bidirectional attention, no mask, scale 1/sqrt(Dh): what CogVideoX uses (diffusers-cogvideox.md section 2.4).
+Packed sequences (multi-resolution frame packing, a `kernels.Segments` layout): q, k, v are (1, N, H, Dh) and each
+segment's tokens attend to their own segment only, through a variable-length backend (VARLEN_BACKENDS, below): the
+flash-attention varlen kernels where installed, else torch's own varlen flash / memory-efficient kernels on CUDA,
+or FlexAttention with a document block mask; on CPU dense SDPA per segment. No padding, no (N, N) mask in memory.
 
 Backends live in a small registry: a name, the function, and a function giving the reason it cannot run for a
 device / dtype / head dim (None when it can). Optional packages are imported once, below; a missing one only removes
@@ -42,6 +46,14 @@ try:
     import xformers.ops as _xops
 except ImportError:
     _xops = None
+try:  # the variable-length (packed) entry points of FlashAttention 2 and 3
+    from flash_attn import flash_attn_varlen_func as _fa2_varlen_func
+except ImportError:
+    _fa2_varlen_func = None
+try:
+    from flash_attn_interface import flash_attn_varlen_func as _fa3_varlen_func
+except ImportError:
+    _fa3_varlen_func = None
 
 
 class AttentionBackendError(ValueError):
@@ -213,8 +225,118 @@ def available_backends(q: torch.Tensor) -> list[str]:
     return [n for n, r in _reasons(q.device, q.dtype, q.shape[-1]).items() if r is None]
 
 
+# ---- packed (variable-length) attention ------------------------------------------------------------------------
+def _fa_varlen(fn):
+    def run(q, k, v, segments):                                    # (N, H, Dh) each
+        cu, n = segments.cu_seqlens, segments.max_len
+        return _first(fn(q, k, v, cu, cu, n, n))
+    return run
+
+
+def _sdpa_varlen(q, k, v, segments):
+    # torch's own varlen kernels (what its nested-tensor SDPA calls on CUDA), on dense (N, H, Dh) tensors so that
+    # activation checkpointing can save them (it cannot save nested tensors): FA2 for half dtypes, the
+    # memory-efficient kernel for fp32. Both have autograd formulas. Contiguous inputs (v is a strided slice).
+    cu, n = segments.cu_seqlens, segments.max_len
+    q, k, v = (t.contiguous() for t in (q, k, v))
+    if q.dtype in _HALF:
+        return torch.ops.aten._flash_attention_forward(q, k, v, cu, cu, n, n, 0.0, False, False)[0]
+    return torch.ops.aten._efficient_attention_forward(q[None], k[None], v[None], None, cu, cu, n, n, 0.0, 0,
+                                                       torch.is_grad_enabled())[0][0]
+
+
+def _sdpa_per_segment(q, k, v, segments):
+    # The fallback that runs everywhere (torch has no CPU varlen kernel): dense SDPA on each segment's slice.
+    return torch.cat([_sdpa(q[None, a:b], k[None, a:b], v[None, a:b])[0] for a, b in segments.ranges()])
+
+
+_flex_compiled = None
+
+
+def _flex(q, k, v, segments):
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    global _flex_compiled
+    if q.is_cuda and _flex_compiled is None:   # FlexAttention is a fused kernel only under torch.compile
+        _flex_compiled = torch.compile(flex_attention, dynamic=True)
+    run = _flex_compiled if q.is_cuda else flex_attention
+    if not q.is_cuda:   # only reached without grad (_flex_reason); flex refuses CPU inputs that require grad
+        q, k, v = q.detach(), k.detach(), v.detach()
+        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")  # CPU: eager only
+    N = q.shape[0]
+    # document id of every token: the number of segment starts at or before it, minus one
+    doc = torch.bucketize(torch.arange(N, device=q.device, dtype=torch.int32), segments.cu_seqlens[1:-1],
+                          right=True)
+
+    def same_segment(b, h, q_idx, kv_idx):
+        return doc[q_idx] == doc[kv_idx]
+
+    mask = create_block_mask(same_segment, None, None, N, N, device=q.device)
+    out = run(*(t.transpose(0, 1)[None] for t in (q, k, v)), block_mask=mask)   # (1, H, N, Dh)
+    return out[0].transpose(0, 1)
+
+
+def _flex_reason(device, dtype, head_dim):
+    if device.type != "cuda" and torch.is_grad_enabled():
+        return "FlexAttention has no CPU backward (runs on CPU only without grad)"
+    if dtype not in _FLOAT[:3]:
+        return f"dtype {dtype} not supported"
+    return None
+
+
+VARLEN_BACKENDS: dict[str, Backend] = {b.name: b for b in [
+    Backend("flash-attn-3", _fa_varlen(_fa3_varlen_func),
+            _needs(_fa3_varlen_func is not None, "flash-attn 3 (flash_attn_interface)", min_sm=(9, 0), max_sm=(9, 9))),
+    Backend("flash-attn-2", _fa_varlen(_fa2_varlen_func),
+            _needs(_fa2_varlen_func is not None, "flash-attn", min_sm=(8, 0))),
+    Backend("sdpa-varlen", _sdpa_varlen, _needs(dtypes=_HALF + (torch.float32,), head_dim_multiple=8,
+                                                min_sm=(8, 0))),
+    Backend("flex", _flex, _flex_reason),
+    Backend("sdpa-per-segment", _sdpa_per_segment, _needs(cuda=False, dtypes=_FLOAT, max_head_dim=1 << 30)),
+]}
+# Fastest first: flash-attention's varlen kernels; torch's own (FA2 / memory-efficient, no compilation); then
+# FlexAttention (a compiled Triton kernel with a document block mask, a compilation per new shape); last, dense
+# SDPA per segment, which runs everywhere (the CPU path). The CUDA backends are unmeasured (and unrun) here.
+VARLEN_PREFERENCE = ("flash-attn-3", "flash-attn-2", "sdpa-varlen", "flex", "sdpa-per-segment")
+
+
+def _resolve_varlen(backend: Optional[str], device: torch.device, dtype: torch.dtype, head_dim: int) -> str:
+    reasons = {n: VARLEN_BACKENDS[n].unavailable(device, dtype, head_dim) for n in VARLEN_PREFERENCE}
+    if backend is not None:
+        if backend not in VARLEN_BACKENDS:
+            raise AttentionBackendError(f"unknown packed-attention backend {backend!r}; known: "
+                                        f"{', '.join(VARLEN_PREFERENCE)}")
+        if reasons[backend] is not None:
+            raise AttentionBackendError(f"packed-attention backend {backend!r} cannot run on {device} {dtype} head "
+                                        f"dim {head_dim}: {reasons[backend]}\nall backends:\n{_report(reasons)}")
+        return backend
+    key = ("varlen", device, dtype, head_dim, torch.is_grad_enabled())
+    if key not in _CHOSEN:
+        _CHOSEN[key] = next(n for n, r in reasons.items() if r is None)   # sdpa-per-segment runs everywhere
+        log.info("packed-attention backend for %s %s head_dim %d: %s", device, dtype, head_dim, _CHOSEN[key])
+    return _CHOSEN[key]
+
+
+def packed_attention(q, k, v, segments, backend: str | None = None) -> torch.Tensor:
+    """attention() on a packed sequence: q, k, v (1, N, H, Dh) laid out by `segments` (a kernels.Segments) ->
+    (1, N, H, Dh); a token attends only to the tokens of its own segment. backend: a VARLEN_BACKENDS name or None."""
+    from kernels.segments import check_segments
+
+    check_segments(segments)
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 4:
+            raise ValueError(f"packed attention expects (1, N, H, Dh) tensors, got {name} {tuple(t.shape)}")
+        segments.check(name, t)
+    if k.shape != v.shape or q.shape[2:] != k.shape[2:]:
+        raise ValueError(f"attention shapes do not match: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must share dtype: {q.dtype}/{k.dtype}/{v.dtype}")
+    name = _resolve_varlen(backend, q.device, q.dtype, q.shape[-1])
+    return VARLEN_BACKENDS[name].fn(q[0], k[0], v[0], segments)[None]
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str | None = None,
-              parallel=None, seq_len: int | None = None) -> torch.Tensor:
+              parallel=None, seq_len: int | None = None, segments=None) -> torch.Tensor:
     """softmax(q k^T / sqrt(Dh)) v over all tokens. q, k, v: (B, S, H, Dh) -> (B, S, H, Dh).
 
     backend: a name in BACKENDS, or None for the fastest available (logged once). A forced backend that cannot run
@@ -223,7 +345,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str | 
     rank's contiguous shard in q, k, v (as ParallelMesh.shard_range splits it): Ulysses all-to-alls around the
     chosen backend, or ring attention (torch's flash kernels with their log-sum-exp), or both
     (cogvideox/parallel.py). The only place in the model where tokens of other ranks are seen.
+    segments: a `kernels.Segments`: q, k, v are a packed (1, N, H, Dh) sequence, each segment attending to itself
+    (`packed_attention`; backend then names a VARLEN_BACKENDS entry).
     """
+    if segments is not None:
+        if parallel is not None:
+            raise ValueError("packed sequences (segments=) and context parallelism (parallel=) do not combine")
+        return packed_attention(q, k, v, segments, backend)
     if parallel is not None and parallel.settings.seq > 1:
         from .parallel import parallel_attention
 

@@ -200,9 +200,11 @@ class Attention(nn.Module):
         self.norm_k = nn.LayerNorm(dim // heads, eps=1e-6)
         self.to_out = nn.Linear(dim, dim)
 
-    def qkv(self, h, text_len, grid, rope: Rope | None, ops: Ops, offset: int | None = None):
+    def qkv(self, h, text_len, grid, rope: Rope | None, ops: Ops, offset: int | None = None, segments=None):
         """h (B, S, D) -> q, k, v (B, S, H, Dh); q, k normed (all tokens) and rotated (vision tokens).
-        offset: h is the shard of the joint sequence starting at that token (context parallelism)."""
+        offset: h is the shard of the joint sequence starting at that token (context parallelism).
+        segments: h is a packed (1, N, D) sequence (kernels.Segments), each segment rotated by its own grid and
+        positions (held by the segments; rope is then only "RoPE or not")."""
         q, k, v = self.to_qkv(h).unflatten(-1, (3, self.heads, -1)).unbind(2)
         if rope is None:
             # No RoPE (2B): the q/k LayerNorm alone, through rope3d with every token "text" (nothing rotates): one
@@ -213,6 +215,12 @@ class Attention(nn.Module):
                                eps=self.norm_q.eps),
                     ops.rope3d(k, k.shape[1], (0, 0, 0), *none, weight=self.norm_k.weight, bias=self.norm_k.bias,
                                eps=self.norm_k.eps), v)
+        if segments is not None:
+            q = ops.rope3d(q, None, None, weight=self.norm_q.weight, bias=self.norm_q.bias, eps=self.norm_q.eps,
+                           segments=segments)
+            k = ops.rope3d(k, None, None, weight=self.norm_k.weight, bias=self.norm_k.bias, eps=self.norm_k.eps,
+                           segments=segments)
+            return q, k, v
         start, step = rope
         q = ops.rope3d(q, text_len, grid, start, step, weight=self.norm_q.weight, bias=self.norm_q.bias,
                        eps=self.norm_q.eps, offset=offset)
@@ -220,9 +228,10 @@ class Attention(nn.Module):
                        eps=self.norm_k.eps, offset=offset)
         return q, k, v
 
-    def forward(self, h, text_len, grid, rope, ops, offset=None, seq_len=None, parallel=None):
-        q, k, v = self.qkv(h, text_len, grid, rope, ops, offset)
-        return self.to_out(attention(q, k, v, parallel=parallel, seq_len=seq_len).flatten(2))   # (B, S, D)
+    def forward(self, h, text_len, grid, rope, ops, offset=None, seq_len=None, parallel=None, segments=None):
+        q, k, v = self.qkv(h, text_len, grid, rope, ops, offset, segments)
+        out = attention(q, k, v, parallel=parallel, seq_len=seq_len, segments=segments)      # (B, S, H, Dh)
+        return self.to_out(out.flatten(2))                                                    # (B, S, D)
 
 
 class FeedForward(nn.Module):
@@ -274,29 +283,33 @@ class CogVideoXBlock(nn.Module):
             nn.init.zeros_(self.attn_temporal.to_out.bias)
 
     def forward(self, x, emb, text_len: int, grid, rope: Rope | None, ops: Ops, offset: int = 0,
-                seq_len: int | None = None, parallel=None, residual: Residual | None = None) -> tuple:
+                seq_len: int | None = None, parallel=None, residual: Residual | None = None,
+                segments=None) -> tuple:
         """x (B, S, D) joint sequence, emb (B, time_embed_dim) -> (x, Residual(ff, gate2)): the block's output is
         x + gate2 * ff, left unsummed so that the next op (the next block's first norm, or the final norm) adds it
         in the same pass as its LayerNorm (`expert_adaln_residual`): the sum is never a separate kernel.
         residual: the previous block's pending (ff, gate2), added to x here.
 
         Context parallelism: x is this rank's shard, tokens [offset, offset + S) of a joint sequence of seq_len
-        tokens; every op but attention is per token and takes the offset, attention() sees `parallel`."""
+        tokens; every op but attention is per token and takes the offset, attention() sees `parallel`.
+        Packing: x is a packed (1, N, D) sequence laid out by `segments` (kernels.Segments), emb (n, ...) one row
+        per segment; every op takes the segments (text_len and grid are then None)."""
         shift1, scale1, gate1 = self.norm1(emb)                                # (B, 2, D) each
         shift2, scale2, gate2 = self.norm2(emb)
         if residual is None:
-            h = ops.expert_adaln(x, shift1, scale1, text_len, offset=offset, **self.norm1.affine())   # (B, S, D)
+            h = ops.expert_adaln(x, shift1, scale1, text_len, offset=offset, segments=segments,
+                                 **self.norm1.affine())                                            # (B, S, D)
         else:
             x, h = ops.expert_adaln_residual(x, residual.y, residual.gate, shift1, scale1, text_len, offset=offset,
-                                             **self.norm1.affine())
+                                             segments=segments, **self.norm1.affine())
         if self.attn_temporal is None:
             rope_offset = offset if parallel is not None else None
-            a = self.attn1(h, text_len, grid, rope, ops, rope_offset, seq_len, parallel)
+            a = self.attn1(h, text_len, grid, rope, ops, rope_offset, seq_len, parallel, segments)
         else:
             a = self.spatial_attention(h, text_len, grid, rope, ops)
             x, h = ops.expert_adaln_residual(x, a, gate1, shift1, scale1, text_len, **self.norm1.affine())
             a = self.temporal_attention(h, text_len, grid, rope, ops)
-        x, h = ops.expert_adaln_residual(x, a, gate1, shift2, scale2, text_len, offset=offset,
+        x, h = ops.expert_adaln_residual(x, a, gate1, shift2, scale2, text_len, offset=offset, segments=segments,
                                          **self.norm2.affine())
         return x, Residual(self.ff(h), gate2)
 
@@ -371,7 +384,15 @@ class CogVideoXTransformer(nn.Module):
         parallel: a `cogvideox.parallel.ParallelMesh` (context parallelism): every rank of its sequence group passes
         the same inputs and gets the whole output; the joint sequence is split once into contiguous token shards
         (any length: uneven shards), each rank runs the blocks on its shard (attention() exchanges what it needs),
-        and the per-token head's output is gathered once before unpatchify."""
+        and the per-token head's output is gathered once before unpatchify.
+
+        Multi-resolution frame packing (paper §3): latents a list of n videos (F_i, C_in, H_i, W_i) of any lengths
+        and sizes, text a list of n (L_i, text_embed_dim), timestep (n,) (ofs (n,) for 1.5-I2V) -> a list of n
+        predictions (F_i, C_out, H_i, W_i): see `_forward_packed`."""
+        if isinstance(latents, (list, tuple)):
+            if parallel is not None:
+                raise ValueError("packed inputs (lists of videos) and context parallelism do not combine")
+            return self._forward_packed(latents, text, timestep, ofs)
         cfg = self.config
         timestep, ofs = self._check_inputs(latents, text, timestep, ofs)
         if parallel is not None and self.attention_layout != "3d":
@@ -421,6 +442,77 @@ class CogVideoXTransformer(nn.Module):
             ranges = cp.shard_ranges(S, parallel.settings.seq)
             x = cp.gather(x, parallel, [max(b - max(a, L), 0) for a, b in ranges])
         return unpatchify(x, grid, p, pt)                                      # (B, F, C_out, H, W)
+
+    def _forward_packed(self, latents, text, timestep, ofs=None) -> list[torch.Tensor]:
+        """The n videos as ONE packed sequence [text_0 | vision_0 | text_1 | vision_1 | ...] of (1, N, D): every
+        per-token op runs once over all of it with the layout in a `kernels.Segments` (each video's text length,
+        grid, RoPE positions, and its own timestep's modulation), attention keeps each video's tokens to their own
+        video (a variable-length attention backend), so video i's prediction equals
+        self(latents[i][None], text[i][None], timestep[i:i + 1])[0]. Only the embedding and the last unpatchify
+        are per video (a Linear and a reshape each; positional tables depend on the video's grid)."""
+        cfg = self.config
+        if self.attention_layout != "3d":
+            raise ValueError("packed inputs support attention_layout '3d' (the 2d+1d ablation runs unpacked)")
+        if not isinstance(text, (list, tuple)) or len(text) != len(latents) or not latents:
+            raise ValueError(f"packed inputs need as many text tensors as videos (at least one), got "
+                             f"{len(latents)} videos and {len(text) if isinstance(text, (list, tuple)) else text}")
+        n = len(latents)
+        if isinstance(timestep, torch.Tensor) and timestep.dim() == 0 or isinstance(timestep, (int, float)):
+            timestep = [timestep] * n
+        timestep = torch.as_tensor(timestep).reshape(-1)
+        if timestep.shape != (n,):
+            raise ValueError(f"packed inputs need one timestep per video ({n}), got shape {tuple(timestep.shape)}")
+        ofs_all = None if ofs is None else torch.as_tensor(ofs).reshape(-1).expand(n)
+        p, pt = cfg.patch_size, cfg.patch_size_t or 1
+        grids, pieces, steps = [], [], []
+        for i, (lat, txt) in enumerate(zip(latents, text)):
+            if not isinstance(lat, torch.Tensor) or lat.dim() != 4 or not isinstance(txt, torch.Tensor) \
+                    or txt.dim() != 2:
+                raise ValueError(f"packed video {i}: latents must be (F, C, H, W) and text (L, D) tensors, got "
+                                 f"{getattr(lat, 'shape', lat)} and {getattr(txt, 'shape', txt)}")
+            t_i, o_i = self._check_inputs(lat[None], txt[None], timestep[i:i + 1],
+                                          None if ofs_all is None else ofs_all[i:i + 1])
+            steps.append((t_i, o_i))
+            grid = (lat.shape[0] // pt, lat.shape[2] // p, lat.shape[3] // p)
+            grids.append(grid)
+            pieces.append(self.patch_embed(txt[None], patchify(lat[None], p, pt), cfg, grid, txt.shape[0]))
+        device, dtype = latents[0].device, latents[0].dtype
+        if any(lat.device != device for lat in latents):
+            raise ValueError("packed videos must all be on one device")
+        ops = KERNEL_OPS if (device.type == "cuda" if self.use_kernels is None else self.use_kernels) \
+            else REFERENCE_OPS
+        rope, start, step = None, None, None
+        if cfg.use_rotary_positional_embeddings:
+            positions = [rope_positions(cfg, g) for g in grids]
+            rope, start, step = True, [s0 for s0, _ in positions], [s1 for _, s1 in positions]
+        text_lens = [txt.shape[0] for txt in text]
+        segments = kernels.Segments(text_lens, grids, start, step, device=device)
+        x = self.embedding_dropout(torch.cat(pieces, dim=1))                   # (1, N, D)
+        t = torch.cat([t_i for t_i, _ in steps])                               # (n,)
+        emb = self.time_embedding(timestep_sincos(t, cfg.inner_dim).to(dtype))  # (n, E_t): one row per video
+        if self.ofs_embedding is not None:
+            o = torch.cat([o_i.expand(1) for _, o_i in steps])
+            emb = emb + self.ofs_embedding(timestep_sincos(o, cfg.ofs_embed_dim).to(dtype))
+        k = self.checkpointing if torch.is_grad_enabled() else 0
+        residual = None
+        for i, block in enumerate(self.transformer_blocks):
+            args = (x, emb, None, None, rope, ops, 0, None, None, residual, segments)
+            x, residual = checkpoint(block, *args, use_reentrant=False) if k and i % k == 0 else block(*args)
+        if residual is not None:   # as in forward: the last residual and norm_final in one pass (all rows here)
+            zero = residual.gate.new_zeros(residual.gate.shape)
+            _, x = ops.expert_adaln_residual(x, residual.y, residual.gate, zero, zero, None,
+                                             weight=self.norm_final.weight, bias=self.norm_final.bias,
+                                             eps=self.norm_final.eps, segments=segments)
+        else:
+            x = self.norm_final(x)
+        # The head on the vision rows only: each video's, end to end, as segments without text.
+        x = torch.cat([x[:, a + L:b] for (a, b), L in zip(segments.ranges(), text_lens)], dim=1)   # (1, N_v, D)
+        vision = kernels.Segments([0] * n, grids, device=device)
+        shift, scale = self.norm_out.linear(F.silu(emb)).unflatten(1, (2, 1, -1)).unbind(1)   # (n, 1, D) each
+        x = ops.expert_adaln(x, shift.to(x.dtype), scale.to(x.dtype), None, weight=self.norm_out.norm.weight,
+                             bias=self.norm_out.norm.bias, eps=self.norm_out.norm.eps, segments=vision)
+        x = self.proj_out(x)                                                    # (1, N_v, C_out * patch_dim)
+        return [unpatchify(x[:, a:b], g, p, pt)[0] for (a, b), g in zip(vision.ranges(), grids)]
 
     def _check_inputs(self, latents, text, timestep, ofs):
         cfg = self.config
