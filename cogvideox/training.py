@@ -133,7 +133,9 @@ def train_step(model, batch: dict, optimizer: torch.optim.Optimizer, table: torc
     """One optimizer step of text-to-video fine-tuning on precomputed latents.
 
     batch: {"latents": (B, F, C, h, w) clean latents already multiplied by the VAE's scaling_factor,
-            "prompt_embeds": (B, L, D) T5 embeddings}, in the model's dtype and device.
+            "prompt_embeds": (B, L, D) T5 embeddings}, in the model's dtype and device; or, packed
+            (multi-resolution frame packing), {"latents": a list of (F_i, C, h_i, w_i), "prompt_embeds": a list
+            of (L_i, D)}: one packed sequence through the model, the loss the mean of the videos' losses.
     generator: a CPU generator for the timesteps and the noise (a saved generator state resumes bit-exactly).
     sample_timesteps(B, generator=g) -> (B,) int64: `uniform_timesteps`, or e.g.
         functools.partial(explicit_uniform_timesteps, rank=r, world_size=n) under data parallelism.
@@ -142,15 +144,21 @@ def train_step(model, batch: dict, optimizer: torch.optim.Optimizer, table: torc
     if loss not in LOSSES:
         raise ValueError(f"loss must be one of {sorted(LOSSES)}, got {loss!r}")
     x0, text = batch["latents"], batch["prompt_embeds"]
-    t = sample_timesteps(x0.shape[0], generator=generator).to(x0.device)                     # (B,)
-    noise = scheduler.randn(x0.shape, generator, x0.device, x0.dtype)                # (B, F, C, h, w)
-    x_t = scheduler.add_noise(table, x0, noise, t)
-    amp = (torch.autocast(x0.device.type, dtype=autocast_dtype) if autocast_dtype is not None
+    packed = isinstance(x0, (list, tuple))
+    videos = [v[None] for v in x0] if packed else [x0]         # each packed video as a batch of one
+    device = videos[0].device
+    t = sample_timesteps(len(videos) if packed else x0.shape[0], generator=generator).to(device)     # (B,)
+    ts = list(t.split(1)) if packed else [t]
+    noise = [scheduler.randn(v.shape, generator, device, v.dtype) for v in videos]   # (B, F, C, h, w)
+    x_t = [scheduler.add_noise(table, v, e, tt) for v, e, tt in zip(videos, noise, ts)]
+    amp = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
            else contextlib.nullcontext())
     with amp:
-        pred = model(x_t, text, t)                                                   # (B, F, C, h, w)
-    value = (cogvideox_loss(table, pred, x0, x_t, t) if loss == "cogvideox"
-             else v_mse_loss(table, pred, x0, noise, t))
+        pred = [p[None] for p in model([x[0] for x in x_t], list(text), t)] if packed else [model(x_t[0], text, t)]
+    # packed: the mean of the videos' losses (for videos of one shape, the loss of the unpacked batch)
+    losses = [cogvideox_loss(table, p, v, xt, tt) if loss == "cogvideox" else v_mse_loss(table, p, v, e, tt)
+              for p, v, xt, e, tt in zip(pred, videos, x_t, noise, ts)]
+    value = torch.stack(losses).mean()
     optimizer.zero_grad(set_to_none=True)
     value.backward()
     norm = None

@@ -191,3 +191,35 @@ def test_segments_layout_and_errors():
         kernels.Segments([1], [(1, 1, 1)], start=[(0, float("nan"), 0)])
     with pytest.raises(ValueError, match="at least one segment"):
         kernels.Segments([], [])
+
+
+# ---- training on packed batches -----------------------------------------------------------------------------
+
+def test_packed_train_step_equals_the_unpacked_batch():
+    """Videos of one shape: a packed step (one sequence, each its own timestep and noise) makes the same update as
+    the unpacked batch with the same draws; videos of different shapes train too (the loss is their mean)."""
+    from cogvideox import scheduler, training
+
+    table = scheduler.alphas_cumprod()
+    models = [_model("5b", use_kernels=False, dropout=0.0) for _ in range(2)]
+    latents, text, _ = _videos(models[0], [(2, 4, 6)] * 2, texts=[6, 6])
+    batches = [{"latents": latents, "prompt_embeds": text},
+               {"latents": torch.stack(latents), "prompt_embeds": torch.stack(text)}]
+    results = []
+    for model, batch in zip(models, batches):
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        # noise for the packed step is drawn per video; at these sizes (multiples of 16 values) the draws equal
+        # the one batched draw of the unpacked step
+        results.append(training.train_step(model, batch, opt, table, generator=torch.Generator().manual_seed(0),
+                                           loss="v-mse"))
+    assert torch.equal(results[0].timesteps, results[1].timesteps)
+    assert abs(results[0].loss - results[1].loss) <= 1e-5 * abs(results[1].loss)
+    for (name, p), q in zip(models[0].named_parameters(), models[1].parameters()):
+        assert _rel(p.detach(), q.detach()) <= 1e-6, name
+
+    model = _model("1.5", use_kernels=False)
+    latents, text, _ = _videos(model, VIDEOS["1.5"])
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    r = training.train_step(model, {"latents": latents, "prompt_embeds": text}, opt, table,
+                            generator=torch.Generator().manual_seed(0))
+    assert r.timesteps.shape == (3,) and r.loss > 0
