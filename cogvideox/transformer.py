@@ -244,7 +244,27 @@ class FeedForward(nn.Module):
         self.net = nn.ModuleList([proj, nn.Dropout(dropout), nn.Linear(4 * dim, dim)])
 
     def forward(self, h):
-        return self.net[2](self.net[1](F.gelu(self.net[0].proj(h), approximate="tanh")))
+        fc1 = self.net[0].proj
+        if _gelu_epilogue(h, fc1):
+            # cuBLASLt applies the GELU in the GEMM's epilogue: the (B, S, 4D) FC1 output is written once, already
+            # activated, instead of written, read and written again (8 x B*S*D*2 bytes a block). torch's CUDA
+            # _addmm_activation(use_gelu=True) uses the tanh approximation (in the epilogue and in its fallback,
+            # aten/src/ATen/native/cuda/Blas.cpp), as CogVideoX's FF does; on CPU it is the erf GELU, so the CPU
+            # keeps the plain path. It has no autograd formula (and the epilogue keeps no pre-activation for the
+            # backward), so only inference takes it.
+            z = torch._addmm_activation(fc1.bias, h.flatten(0, -2), fc1.weight.t(), use_gelu=True)
+            z = z.unflatten(0, h.shape[:-1])
+        else:
+            z = F.gelu(fc1(h), approximate="tanh")
+        return self.net[2](self.net[1](z))
+
+
+def _gelu_epilogue(h: torch.Tensor, fc1: nn.Module) -> bool:
+    """Whether FeedForward can use the GEMM's GELU epilogue: CUDA, no autograd graph to record, a plain Linear
+    (not a LoRA wrapper) in h's dtype (no autocast: the fused op has no autocast rule), h not empty."""
+    return (h.is_cuda and type(fc1) is nn.Linear and fc1.bias is not None and h.dtype == fc1.weight.dtype
+            and h.numel() > 0 and not torch.is_autocast_enabled(h.device.type)
+            and not (torch.is_grad_enabled() and (h.requires_grad or fc1.weight.requires_grad)))
 
 
 class Residual(NamedTuple):

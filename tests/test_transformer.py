@@ -328,3 +328,25 @@ def test_2d1d_temporal_stage_stays_within_positions():
     others = torch.ones(M, dtype=torch.bool)
     others[pos] = False
     assert delta[:, others].max() == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_feedforward_gelu_epilogue(dtype):
+    """FeedForward uses the FC1 GEMM's GELU epilogue (torch._addmm_activation, tanh GELU on CUDA) exactly where it
+    may: CUDA inference with a plain Linear and no autocast; anywhere else, and whenever autograd records, the
+    unfused Linear + tanh GELU. Either way the output is the unfused one within the parity rule (on the device
+    the suite runs on: COGVIDEOX_TEST_DEVICE=cuda checks the epilogue itself)."""
+    torch.manual_seed(0)
+    ff = tr.FeedForward(64, 0.0).to(dtype)
+    h = torch.randn(2, 7, 64, dtype=dtype)
+    fc1 = ff.net[0].proj
+    with torch.no_grad():
+        assert tr._gelu_epilogue(h, fc1) == h.is_cuda
+        out = ff(h)
+        ref = ff.net[2](torch.nn.functional.gelu(fc1(h), approximate="tanh"))        # in dtype, unfused
+        ref32 = ff.float()(h.float())                                                   # fp32 reference
+        ff.to(dtype)
+    assert_parity(out, ref32, plain=ref, atol=1e-6 if dtype == torch.float32 else 1e-3)
+    assert not tr._gelu_epilogue(h, fc1)            # grad mode on and fc1's weight requires grad
+    with torch.no_grad(), torch.autocast(h.device.type, dtype=torch.bfloat16):
+        assert not tr._gelu_epilogue(h, fc1)
