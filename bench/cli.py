@@ -185,6 +185,9 @@ def _static(args) -> int:
         print(f"error: unknown model size(s) in {args.models!r}; choose from {', '.join(DIT)}", file=sys.stderr)
         return 2
     print(format_static(static_rows(models, args.filter)))
+    from .traffic import format_traffic, traffic_rows
+    print()
+    print(format_traffic(traffic_rows(models)))
     return 0
 
 
