@@ -23,7 +23,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 GEMMS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_addmm_activation"}
-NO_DATA = {"aten::new_empty", "aten::new_empty_strided", "aten::detach", "aten::lift_fresh"}
+# _unsafe_view: a view whose schema does not say so (reshape returns it after a copy)
+NO_DATA = {"aten::new_empty", "aten::new_empty_strided", "aten::detach", "aten::lift_fresh", "aten::_unsafe_view"}
 
 
 class _Counter(TorchDispatchMode):
