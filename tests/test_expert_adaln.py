@@ -455,8 +455,9 @@ def test_documented_module_attributes():
 COGVIDEOX = {"2b": dict(B=2, S=17776, D=1920), "5b": dict(B=2, S=17776, D=3072)}
 
 
-def _aot_build(shape, dtype, residual, kernel):
-    """compile_sm90 of one kernel variant at the block size and warps the launcher picks on an H100 (132 SMs)."""
+def _aot_build(shape, dtype, residual, kernel, varlen=0):
+    """compile_sm90 of one kernel variant at the block size and warps the launcher picks on an H100 (132 SMs).
+    varlen: the packed variant (shape's B segments of up to S tokens each)."""
     cfg = ea.launch_config(**shape, n_sm=132, itemsize=4 if dtype == "fp32" else 2)
     if kernel == "fwd":
         fn, warps = ea._expert_adaln_fwd_kernel, cfg["fwd_warps"]
@@ -468,13 +469,14 @@ def _aot_build(shape, dtype, residual, kernel):
         strides, flags = "s_xb s_xs s_yb s_ys s_gb s_ge s_cb s_ce", {"HAS_DXN": residual}
     sig = {n: "*" + dtype for n in ptrs.split()}
     sig.update({n: "*fp32" for n in ("MEAN", "RSTD", "PART") if n in fn.arg_names})
+    sig.update(CU="*i32", SEG_TL="*i32")                    # dense launches pass None: unused there
     sig = {n: sig[n] for n in fn.arg_names if n in sig}     # in the kernel's argument order
     sig.update({n: "i32" for n in ("S", "D", "text_len", "rows_per_prog")})
     if kernel == "fwd":
         sig["eps"] = "fp32"
     sig.update({n: "i32" for n in strides.split()})        # S*D and 6D fit in int32, as passed at launch
     consts = dict(E=2, HAS_RESIDUAL=residual, HAS_WEIGHT=1, HAS_BIAS=1, BLOCK_D=cfg["BLOCK_D"],
-                  STAGES=cfg["STAGES"], **flags)
+                  STAGES=cfg["STAGES"], VARLEN=varlen, **flags)
     sig.update({k: "constexpr" for k in consts})
     # What the JIT specializes at these shapes: 16-byte aligned buffers, S = 16 * 1111, D and strides
     # multiples of 16 (text_len = 226 and rows_per_prog are not).
