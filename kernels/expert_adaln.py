@@ -24,6 +24,11 @@ Layout: one program owns a block of rows of one batch element and walks it in at
 then vision rows), loading the segment's modulation vectors once; each row is one BLOCK_D-wide vector, 8 elements
 per thread. Grid (B, programs per sample): the batch on axis 0 (up to 2^31 - 1), the program count, which
 launch_config bounds by ~4 (forward) and ~2 (backward) x the SM count whatever S is, on axis 1 (CUDA allows 65535).
+Packed (segments=, kernels.Segments: several [text | vision] sequences end to end in one (1, N, D) x, modulation
+(n, E, D)): the constexpr VARLEN makes grid row b segment b, rows [cu_seqlens[b], cu_seqlens[b+1]) with text
+length seg_text_lens[b], read on the device; the programs are sized for the longest segment and those past the end
+of a shorter one write zero partials. The dense (VARLEN = 0) build is the one from before packing, instruction
+for instruction (sm_90 PTX of the 5B bf16 kernels compared, debug info aside).
 
 What the sm_90 build does (SASS by cuobjdump of the AOT build at 5B shapes B=2, S=17776, D=3072, bf16, residual;
 the PTX-level counts are asserted in tests/test_expert_adaln.py): the row loop is software-pipelined

@@ -765,3 +765,26 @@ def test_aot_varlen(aot_results):
             assert loop["bar_sync"] <= (3 if kernel == "bwd" else 4), (kernel, loop)
         narrow = [m for m in r["muls"] if m.endswith(": i32") or ": i32 loc" in m]
         assert all(m.startswith(("%lo", "%plane")) for m in narrow), narrow
+
+
+@pytest.mark.parametrize("path", ["torch", "triton"])
+def test_packed_compile_fullgraph(monkeypatch, path):
+    """A packed block compiles without graph breaks (the layout's tensors are graph inputs), forward and backward."""
+    monkeypatch.setenv("COGVIDEOX_KERNELS", path)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    leaves, seg = packed_inputs("empty", 16, torch.float32)
+
+    def block(x, y, gate, shift, scale, w, b):
+        x_new, out = expert_adaln_residual(x, y, gate, shift, scale, None, w, b, segments=seg)
+        return x_new * 2 + expert_adaln(out, shift, scale, None, w, b, segments=seg)
+
+    args, inputs = views(leaves, 2), list(leaves.values())
+    got = torch.compile(block, backend=counter, fullgraph=True)(*args)
+    want = block(*args)
+    torch.testing.assert_close(got, want)
+    for a, r in zip(torch.autograd.grad(got.square().sum(), inputs), torch.autograd.grad(want.square().sum(), inputs)):
+        torch.testing.assert_close(a, r)
+    assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])
+    assert counter.frame_count == 1
