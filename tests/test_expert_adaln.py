@@ -11,10 +11,12 @@ import torch
 import torch._dynamo.testing
 import torch.nn.functional as F
 
+from kernels import Segments
 from kernels._aot import compile_sm90
 from kernels._dispatch import check_grid
 from kernels.expert_adaln import (expert_adaln, expert_adaln_ref, expert_adaln_residual, expert_adaln_residual_ref,
                                   expert_rows)
+from kernels.segments import segment_rows
 from tests.conftest import assert_parity, max_err, poison_like
 
 ea = importlib.import_module("kernels.expert_adaln")  # the module: kernels/__init__ shadows it with the function
@@ -455,8 +457,9 @@ def test_documented_module_attributes():
 COGVIDEOX = {"2b": dict(B=2, S=17776, D=1920), "5b": dict(B=2, S=17776, D=3072)}
 
 
-def _aot_build(shape, dtype, residual, kernel):
-    """compile_sm90 of one kernel variant at the block size and warps the launcher picks on an H100 (132 SMs)."""
+def _aot_build(shape, dtype, residual, kernel, varlen=0):
+    """compile_sm90 of one kernel variant at the block size and warps the launcher picks on an H100 (132 SMs).
+    varlen: the packed variant (shape's B segments of up to S tokens each)."""
     cfg = ea.launch_config(**shape, n_sm=132, itemsize=4 if dtype == "fp32" else 2)
     if kernel == "fwd":
         fn, warps = ea._expert_adaln_fwd_kernel, cfg["fwd_warps"]
@@ -468,13 +471,14 @@ def _aot_build(shape, dtype, residual, kernel):
         strides, flags = "s_xb s_xs s_yb s_ys s_gb s_ge s_cb s_ce", {"HAS_DXN": residual}
     sig = {n: "*" + dtype for n in ptrs.split()}
     sig.update({n: "*fp32" for n in ("MEAN", "RSTD", "PART") if n in fn.arg_names})
+    sig.update(CU="*i32", SEG_TL="*i32")                    # dense launches pass None: unused there
     sig = {n: sig[n] for n in fn.arg_names if n in sig}     # in the kernel's argument order
     sig.update({n: "i32" for n in ("S", "D", "text_len", "rows_per_prog")})
     if kernel == "fwd":
         sig["eps"] = "fp32"
     sig.update({n: "i32" for n in strides.split()})        # S*D and 6D fit in int32, as passed at launch
     consts = dict(E=2, HAS_RESIDUAL=residual, HAS_WEIGHT=1, HAS_BIAS=1, BLOCK_D=cfg["BLOCK_D"],
-                  STAGES=cfg["STAGES"], **flags)
+                  STAGES=cfg["STAGES"], VARLEN=varlen, **flags)
     sig.update({k: "constexpr" for k in consts})
     # What the JIT specializes at these shapes: 16-byte aligned buffers, S = 16 * 1111, D and strides
     # multiples of 16 (text_len = 226 and rows_per_prog are not).
@@ -580,3 +584,208 @@ def test_grid_within_cuda_limits(B):
             assert check_grid((B, progs)) == (B, progs)
     with pytest.raises(ValueError, match="too large for one launch"):
         check_grid((1, 65536))
+
+
+# Packed (varlen) sequences: several [text | vision] segments end to end in one (1, N, D) tensor, each with its own
+# modulation row (kernels.Segments). "mixed": lengths 9, 8, 4, 6; segment 1 has no text, segment 2 no vision, and
+# with num_sms = 4 the programs are sized for the longest (forward 3 x 3 rows, backward 2 x 5), so the short
+# segments leave programs empty. "empty": a zero-length segment between two others.
+LAYOUTS = {
+    "mixed": ((3, 0, 4, 1), ((1, 2, 3), (2, 2, 2), (0, 0, 0), (1, 1, 5))),
+    "empty": ((2, 0, 5), ((1, 1, 3), (0, 0, 0), (1, 1, 1))),
+}
+
+
+def packed_inputs(layout, D, dtype, affine=True, seed=0):
+    """make_inputs' leaves for one packed (1, N, D) row (x, y non-contiguous slices), with one (6D) modulation row
+    per segment; -> (leaves, segments)."""
+    seg = Segments(*LAYOUTS[layout])
+    leaves = make_inputs(1, seg.total, D, 2, dtype, affine, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    leaves["mod"] = (0.5 * torch.randn(seg.n, 6 * D, generator=g, dtype=torch.float64)).to(dtype).requires_grad_()
+    return leaves, seg
+
+
+def plain_packed(x, y, gate, shift, scale, seg, weight, bias, residual):
+    """plain() with per-segment modulation rows (segment_rows), op by op in the inputs' dtype."""
+    D = x.shape[2]
+    if residual:
+        x = x + segment_rows(gate, seg) * y
+    out = F.layer_norm(x, (D,), weight, bias, EPS) * (1 + segment_rows(scale, seg)) + segment_rows(shift, seg)
+    return (x, out) if residual else (out,)
+
+
+def ours_packed(x, y, gate, shift, scale, seg, weight, bias, residual):
+    if residual:
+        return expert_adaln_residual(x, y, gate, shift, scale, None, weight, bias, EPS, segments=seg)
+    return (expert_adaln(x, shift, scale, None, weight, bias, EPS, segments=seg),)
+
+
+def alone(x, y, gate, shift, scale, seg, weight, bias, residual):
+    """Each segment as its own B = 1 call (its rows, its modulation row, its text length), concatenated."""
+    outs = [ours(x[:, a:b], y[:, a:b], gate[i:i + 1], shift[i:i + 1], scale[i:i + 1], seg.text_lens[i], weight,
+                 bias, residual) for i, (a, b) in enumerate(seg.ranges())]
+    return tuple(torch.cat(o, dim=1) for o in zip(*outs))
+
+
+def check_packed(layout, D, E, dtype, residual, affine=True):
+    """Packed against fp64 (the parity rule) and against each segment alone: outputs, dx and dy bit for bit (every
+    row sees the same arithmetic); the summed gradients (modulation, weight, bias) to summation order."""
+    leaves, seg = packed_inputs(layout, D, dtype, affine)
+    N = seg.total
+    g = torch.Generator().manual_seed(7)
+    gout = [torch.randn(1, N, D, generator=g).to(dtype) for _ in range(1 + residual)]
+    o_ours, g_ours = run(ours_packed, leaves, E, seg, residual, gout)
+    o_ref, g_ref = run(plain_packed, to64(leaves), E, seg, residual, [t.double() for t in gout])
+    o_pl, g_pl = run(plain_packed, leaves, E, seg, residual, gout)
+    for name, a, r, p in zip(["x_new", "out"][-len(gout):], o_ours, o_ref, o_pl):
+        assert_parity(a, r, p, atol=_atol(r, dtype), name=name)
+    for k in g_ref:
+        assert_parity(g_ours[k], g_ref[k], g_pl[k], atol=_atol(g_ref[k], dtype), name=f"d{k}")
+    o_alone, g_alone = run(alone, leaves, E, seg, residual, gout)
+    for a, r in zip(o_ours, o_alone):
+        assert torch.equal(a, r)
+    for k in g_alone:
+        if k in ("x", "y"):
+            assert torch.equal(g_ours[k], g_alone[k]), f"d{k}"
+        elif dtype == torch.float32:
+            assert_parity(g_ours[k], g_alone[k], atol=1e-6, name=f"d{k}")
+        else:   # fp32 sums of a different program split, each rounded once to dtype
+            ulp = torch.finfo(dtype).eps * g_alone[k].abs().max().item()
+            assert_parity(g_ours[k].float(), g_alone[k].float(), atol=ulp, name=f"d{k}")
+    return seg
+
+
+def _sms4(monkeypatch):
+    """Several programs per segment (see LAYOUTS); asserts that some program of the backward has no rows."""
+    monkeypatch.setattr(ea, "num_sms", lambda device: 4)
+    seg = Segments(*LAYOUTS["mixed"])
+    cfg = ea.launch_config(seg.n, seg.max_len, 72, 4)
+    assert min(seg.lengths) <= (cfg["bwd_progs"] - 1) * cfg["bwd_rows"], cfg
+    assert min(seg.lengths) <= (cfg["fwd_progs"] - 1) * cfg["fwd_rows"], cfg
+
+
+@pytest.mark.parametrize("residual", [False, True], ids=["adaln", "residual"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("E", [1, 2])
+def test_packed_parity_triton(triton_kernels, monkeypatch, E, dtype, residual):
+    _sms4(monkeypatch)
+    check_packed("mixed", 72, E, dtype, residual)
+
+
+def test_packed_empty_segment_triton(triton_kernels, monkeypatch):
+    _sms4(monkeypatch)
+    check_packed("empty", 72, 2, torch.float32, True)
+
+
+@pytest.mark.parametrize("residual", [False, True], ids=["adaln", "residual"])
+def test_packed_torch_path(torch_kernels, residual):
+    """The CPU op (reference forward, pure-torch backward) on packed input: the same checks."""
+    check_packed("mixed", 72, 2, torch.float32, residual)
+
+
+def test_packed_every_element_written(triton_kernels, monkeypatch):
+    """NaN-filled outputs, gradients and partials (5 planes, with programs past the end of short segments)."""
+    _sms4(monkeypatch)
+    monkeypatch.setattr(ea, "_alloc", lambda *a, **k: poison_like(torch.empty(*a, **k)))
+    check_packed("mixed", 72, 2, torch.float32, True)
+    check_packed("empty", 72, 1, torch.float32, False, affine=False)
+
+
+def test_packed_backward_deterministic(triton_kernels, monkeypatch):
+    _sms4(monkeypatch)
+    leaves, seg = packed_inputs("mixed", 72, torch.bfloat16)
+    gout = [torch.randn(1, seg.total, 72).to(torch.bfloat16) for _ in range(2)]
+    first = run(ours_packed, leaves, 2, seg, True, gout)[1]
+    second = run(ours_packed, leaves, 2, seg, True, gout)[1]
+    for k in first:
+        assert torch.equal(first[k], second[k]), f"d{k} differs between two identical backward passes"
+
+
+@pytest.mark.parametrize("path", ["torch", "triton"])
+def test_packed_opcheck(monkeypatch, path):
+    """The schema, fake and autograd registrations with the layout arguments (a zero-length segment among them)."""
+    monkeypatch.setenv("COGVIDEOX_KERNELS", path)
+    leaves, seg = packed_inputs("empty", 72, torch.float32)
+    x, y, gate, shift, scale, w, b = (t.detach().requires_grad_() for t in views(leaves, 2))
+    layout = (seg.cu_seqlens, seg.text_lens_t, seg.max_len)
+    dout = torch.randn(1, seg.total, 72)
+    mean, rstd = ea._row_stats(x.detach(), EPS)
+    samples = [
+        (torch.ops.cogvideox.expert_adaln, (x, shift, scale, 0, w, b, EPS, 0, *layout)),
+        (torch.ops.cogvideox.expert_adaln, (x, shift[:, :1], scale[:, :1], 0, None, None, EPS, 0, *layout)),
+        (torch.ops.cogvideox.expert_adaln_residual, (x, y, gate, shift, scale, 0, w, b, EPS, 0, *layout)),
+        (torch.ops.cogvideox.expert_adaln_bwd, (dout, dout, x.detach(), mean, rstd, y.detach(), gate.detach(),
+                                                scale.detach(), 0, w.detach(), b.detach(), 0, *layout)),
+    ]
+    for op, args in samples:
+        torch.library.opcheck(op, args)
+
+
+def _packed_good():
+    seg = Segments(*LAYOUTS["mixed"])
+    x = torch.randn(1, seg.total, 8)
+    mod = {k: torch.randn(seg.n, 2, 8) for k in ("gate", "shift", "scale")}
+    return dict(x=x, y=torch.randn_like(x), text_len=None, segments=seg, **mod)
+
+
+PACKED_BAD = [  # (what changes, exception, message fragment)
+    ({"text_len": 3}, ValueError, "text_len must be None when segments are given"),
+    ({"offset": 2}, ValueError, "offset must be 0 when segments are given"),
+    ({"x": torch.randn(1, 28, 8), "y": torch.randn(1, 28, 8)}, ValueError, "x must be a packed (1, N=27, ...)"),
+    ({"x": torch.randn(2, 27, 8), "y": torch.randn(2, 27, 8)}, ValueError, "x must be a packed (1, N=27, ...)"),
+    ({"shift": torch.randn(3, 2, 8)}, ValueError, "shift must have shape (4, 2, 8)"),
+    ({"gate": torch.randn(1, 2, 8)}, ValueError, "gate must have shape (4, 2, 8)"),
+    ({"segments": (3, 0, 4, 1)}, TypeError, "segments must be a kernels.Segments"),
+]
+
+
+@pytest.mark.parametrize("change, exc, msg", PACKED_BAD, ids=[b[2] for b in PACKED_BAD])
+def test_packed_bad_input(change, exc, msg):
+    kw = {**_packed_good(), **change}
+    with pytest.raises(exc) as info:
+        expert_adaln_residual(**kw)
+    assert msg in str(info.value)
+    if "gate" not in change:   # expert_adaln runs the same checks
+        kw.pop("y"), kw.pop("gate")
+        with pytest.raises(exc) as info:
+            expert_adaln(**kw)
+        assert msg in str(info.value)
+
+
+def test_aot_varlen():
+    """The packed build at 5B (4 segments of up to 17,776 tokens, bf16, residual): as the dense one, no spills,
+    <= 128 registers, row vectors through cp.async, the same barriers a row, i64 row offsets."""
+    pytest.importorskip("triton.backends.nvidia", reason="triton's NVIDIA backend is needed for the AOT build")
+    for kernel in ("fwd", "bwd"):
+        r = _aot_build(dict(B=4, **{k: COGVIDEOX["5b"][k] for k in ("S", "D")}), "bf16", 1, kernel, varlen=1)
+        assert not r["spills"] and r["n_regs"] <= 128, r
+        assert len(r["loops"]) == 2, r["loops"]
+        for loop in r["loops"]:
+            assert loop["vector_ld_global"] == 0 and loop["cp_async"] > 0, (kernel, loop)
+            assert loop["bar_sync"] <= (3 if kernel == "bwd" else 4), (kernel, loop)
+        narrow = [m for m in r["muls"] if m.endswith(": i32") or ": i32 loc" in m]
+        assert all(m.startswith(("%lo", "%plane")) for m in narrow), narrow
+
+
+@pytest.mark.parametrize("path", ["torch", "triton"])
+def test_packed_compile_fullgraph(monkeypatch, path):
+    """A packed block compiles without graph breaks (the layout's tensors are graph inputs), forward and backward."""
+    monkeypatch.setenv("COGVIDEOX_KERNELS", path)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    leaves, seg = packed_inputs("empty", 16, torch.float32)
+
+    def block(x, y, gate, shift, scale, w, b):
+        x_new, out = expert_adaln_residual(x, y, gate, shift, scale, None, w, b, segments=seg)
+        return x_new * 2 + expert_adaln(out, shift, scale, None, w, b, segments=seg)
+
+    args, inputs = views(leaves, 2), list(leaves.values())
+    got = torch.compile(block, backend=counter, fullgraph=True)(*args)
+    want = block(*args)
+    torch.testing.assert_close(got, want)
+    for a, r in zip(torch.autograd.grad(got.square().sum(), inputs), torch.autograd.grad(want.square().sum(), inputs)):
+        torch.testing.assert_close(a, r)
+    assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])
+    assert counter.frame_count == 1
