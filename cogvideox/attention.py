@@ -300,7 +300,9 @@ VARLEN_BACKENDS: dict[str, Backend] = {b.name: b for b in [
 VARLEN_PREFERENCE = ("flash-attn-3", "flash-attn-2", "sdpa-varlen", "flex", "sdpa-per-segment")
 
 
+@torch.compiler.assume_constant_result
 def _resolve_varlen(backend: Optional[str], device: torch.device, dtype: torch.dtype, head_dim: int) -> str:
+    # as _resolve: eager even under torch.compile, a constant of the graph
     reasons = {n: VARLEN_BACKENDS[n].unavailable(device, dtype, head_dim) for n in VARLEN_PREFERENCE}
     if backend is not None:
         if backend not in VARLEN_BACKENDS:
@@ -331,7 +333,7 @@ def packed_attention(q, k, v, segments, backend: str | None = None) -> torch.Ten
         raise ValueError(f"attention shapes do not match: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"q, k, v must share dtype: {q.dtype}/{k.dtype}/{v.dtype}")
-    name = _resolve_varlen(backend, q.device, q.dtype, q.shape[-1])
+    name = _resolve_varlen(backend, q.device, q.dtype, operator.index(q.shape[-1]))
     return VARLEN_BACKENDS[name].fn(q[0], k[0], v[0], segments)[None]
 
 
