@@ -133,7 +133,8 @@ def train_step(model, batch: dict, optimizer: torch.optim.Optimizer, table: torc
     """One optimizer step of text-to-video fine-tuning on precomputed latents.
 
     batch: {"latents": (B, F, C, h, w) clean latents already multiplied by the VAE's scaling_factor,
-            "prompt_embeds": (B, L, D) T5 embeddings}, in the model's dtype and device.
+            "prompt_embeds": (B, L, D) T5 embeddings}, in the model's dtype and device; for image-to-video
+           models also "image_latents" (B, F, C, h, w) (`image_condition`) and, for 1.5-I2V, "ofs" (1,).
     generator: a CPU generator for the timesteps and the noise (a saved generator state resumes bit-exactly).
     sample_timesteps(B, generator=g) -> (B,) int64: `uniform_timesteps`, or e.g.
         functools.partial(explicit_uniform_timesteps, rank=r, world_size=n) under data parallelism.
@@ -147,8 +148,10 @@ def train_step(model, batch: dict, optimizer: torch.optim.Optimizer, table: torc
     x_t = scheduler.add_noise(table, x0, noise, t)
     amp = (torch.autocast(x0.device.type, dtype=autocast_dtype) if autocast_dtype is not None
            else contextlib.nullcontext())
+    cond = batch.get("image_latents")          # I2V: (B, F, C, h, w) from image_condition, concatenated as inference
+    inputs = x_t if cond is None else torch.cat([x_t, cond], dim=2)                  # (B, F, C_in, h, w)
     with amp:
-        pred = model(x_t, text, t)                                                   # (B, F, C, h, w)
+        pred = model(inputs, text, t, **({"ofs": batch["ofs"]} if "ofs" in batch else {}))   # (B, F, C, h, w)
     value = (cogvideox_loss(table, pred, x0, x_t, t) if loss == "cogvideox"
              else v_mse_loss(table, pred, x0, noise, t))
     optimizer.zero_grad(set_to_none=True)
@@ -287,3 +290,39 @@ def bucket_batches(shapes, batch_size: int, generator: torch.Generator | None = 
             if len(batch) == batch_size or not drop_last:
                 batches.append(batch)
     return [batches[j] for j in torch.randperm(len(batches), generator=generator).tolist()]
+
+
+# ---- image-to-video conditioning and LoRA under FSDP -----------------------------------------------------------
+def image_condition(first: torch.Tensor, frames: int, drop: torch.Tensor | None = None) -> torch.Tensor:
+    """The I2V model's second input half, as inference builds it (pipeline.image_latents): the first frame's latent
+    (already scaled like the video latents), then zeros for the other frames. first: (B, 1, C, h, w); drop: (B,)
+    bool, samples whose image is replaced by zeros (diffusers' --noised_image_dropout). -> (B, frames, C, h, w)."""
+    if not isinstance(first, torch.Tensor) or first.dim() != 5 or first.shape[1] != 1:
+        raise ValueError(f"first must be a (B, 1, C, h, w) tensor, got {getattr(first, 'shape', type(first))}")
+    if isinstance(frames, bool) or not isinstance(frames, int) or frames < 1:
+        raise ValueError(f"frames must be a positive int, got {frames!r}")
+    if drop is not None:
+        if drop.shape != (first.shape[0],) or drop.dtype != torch.bool:
+            raise ValueError(f"drop must be a (B={first.shape[0]},) bool tensor, got {drop.dtype} {tuple(drop.shape)}")
+        first = torch.where(drop.to(first.device)[:, None, None, None, None], torch.zeros_like(first), first)
+    pad = first.new_zeros((first.shape[0], frames - 1, *first.shape[2:]))
+    return torch.cat([first, pad], dim=1)
+
+
+def merged_state_from(model, state: dict) -> dict:
+    """`merged_state` computed from a full (unsharded) state dict of the LoRA model, e.g. FSDP2's gathered
+    get_model_state_dict: W + scale B A per adapted Linear, peft's prefixes removed. The model supplies only the
+    adapted layers' names and scales (plain floats, the same on every rank), so it may be sharded."""
+    out = {}
+    for name, module in model.named_modules():
+        if hasattr(module, "base_layer") and hasattr(module, "get_delta_weight"):
+            weight = state[f"{name}.base_layer.weight"]                                      # (out, in)
+            delta = sum((state[f"{name}.lora_B.{a}.weight"] @ state[f"{name}.lora_A.{a}.weight"]) * module.scaling[a]
+                        for a in module.active_adapters)
+            out[f"{name}.weight"] = weight + delta.to(weight.dtype)
+            if f"{name}.base_layer.bias" in state:
+                out[f"{name}.bias"] = state[f"{name}.base_layer.bias"]
+    for k, v in state.items():
+        if ".lora_" not in k and ".base_layer." not in k:
+            out[k] = v
+    return out

@@ -493,18 +493,49 @@ def test_train_cli_bad_arguments(tmp_path, capsys):
     i2v = save_transformer(CogVideoXTransformer(TransformerConfig.preset("tiny", in_channels=8)), tmp_path / "i2v")
     with pytest.raises(SystemExit):
         _cli("train", "--model", i2v, "--data", data, "--out", tmp_path / "r")
-    assert "image-to-video" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "image_latents" in err and "encode-dataset --i2v" in err
+    for spec, message in (("3:32x48", "STEPS:HEIGHTxWIDTHxFRAMES"), ("0:32x48x5", "steps"),
+                          ("3:32x48x6", "4k + 1")):
+        with pytest.raises(SystemExit):
+            _cli(*TRAIN, "--data", data, "--out", tmp_path / "r", "--stages", spec)
+        assert message in capsys.readouterr().err
+    assert _cli(*TRAIN, "--data", data, "--out", tmp_path / "r", "--stages", "3:16x16x5") == 1   # nothing fits
+    assert "no bucket of stage 0" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         _cli("train", "--model", tmp_path, "--data", data, "--out", tmp_path / "r")
     assert "config.json" in capsys.readouterr().err
 
 
-def test_sample_indices_cover_each_epoch_once():
-    from cogvideox.train_cli import sample_indices
+def test_batch_order_buckets_stages_and_ranks():
+    from cogvideox.train_cli import BatchOrder, parse_stages
 
-    seen = [i for step in range(3) for r in range(2) for i in sample_indices(step, 2, r, 2, 12, seed=0)]
-    assert sorted(seen) == list(range(12))                          # 3 steps x 2 ranks x 2 = one epoch
-    assert sample_indices(5, 2, 1, 2, 12, 0) == sample_indices(5, 2, 1, 2, 12, 0)
+    shapes = [(2, 4, 4, 6)] * 5 + [(3, 4, 8, 12)] * 4 + [(2, 4, 6, 4)] * 2       # 32x48, 64x96, 48x32 pixels
+    order = BatchOrder(shapes, batch=1, world=2, seed=0)
+    epoch = [order(step, r)[1] for step in range(5) for r in range(2)]       # 2 + 2 + 1 global batches of 2
+    assert all(len(b) == 1 for b in epoch)
+    pairs = [epoch[i] + epoch[i + 1] for i in range(0, 10, 2)]
+    assert all(len({shapes[i] for i in p}) == 1 for p in pairs)              # both ranks share the step's shape
+    assert len({i for p in pairs for i in p}) == 10                          # drop_last: one of the 5 left out
+    assert [order(s, 1) for s in range(12)] == [BatchOrder(shapes, 1, 2, 0)(s, 1) for s in range(12)]
+    assert [order(s, 0) for s in range(12)] != [BatchOrder(shapes, 1, 2, 1)(s, 0) for s in range(12)]
+
+    stages = parse_stages("3:32x48x5,4:96x64x9", batch_size=2)
+    assert [(s.steps, s.height, s.width, s.frames, s.batch_size) for s in stages] == [(3, 32, 48, 5, 2),
+                                                                                      (4, 96, 64, 9, 2)]
+    staged = BatchOrder(shapes, batch=2, world=1, seed=0, stages=stages)
+    got = [staged(step, 0) for step in range(12)]
+    assert [st for st, _ in got] == [0] * 3 + [1] * 9
+    # stage 0 (32x48, 5 frames) fits the first and the portrait bucket, stage 1 every bucket
+    assert {shapes[i] for _, b in got[:3] for i in b} <= {(2, 4, 4, 6), (2, 4, 6, 4)}
+    assert (3, 4, 8, 12) in {shapes[i] for _, b in got[3:] for i in b}
+    # each stage's stream starts at its own step 0: stage 1's first epoch (2 + 2 + 1 batches) is whole
+    assert sorted(len(b) for _, b in got[3:8]) == [2] * 5
+    assert [s.height for s in parse_stages("paper", 1)] == [256, 480, 768, 768]
+    with pytest.raises(ValueError, match="no bucket of stage 0"):
+        BatchOrder(shapes, 2, 1, 0, parse_stages("1:16x16x5", 2))
+    with pytest.raises(ValueError, match="global batch of 2 x 3"):
+        BatchOrder(shapes, 3, 2, 0)
 
 
 def _png_clip(folder, frames=9, h=32, w=48, seed=0):
@@ -571,14 +602,14 @@ def _torchrun(data, out, *extra, steps=1):
 def _two_rank_step_by_hand(data):
     """One data-parallel step rebuilt in one process: each rank's samples, timestep interval and noise, the
     gradients averaged, clipped, AdamW. -> (model after the step, mean loss)."""
-    from cogvideox.train_cli import LatentDataset, sample_indices
+    from cogvideox.train_cli import BatchOrder, LatentDataset
 
     torch.manual_seed(1)
     model = CogVideoXTransformer(TransformerConfig.preset("tiny")).train()
     dataset, grads, losses = LatentDataset(str(data)), [], []
     for rank in range(2):
         g = torch.Generator().manual_seed(1_000 + rank)
-        batch = dataset.batch(sample_indices(0, 1, rank, 2, 4, seed=1))
+        batch = dataset.batch(BatchOrder(dataset.shapes, 1, 2, seed=1)(0, rank)[1])
         t = training.explicit_uniform_timesteps(1, rank, 2, generator=g)
         noise = torch.randn(batch["latents"].shape, generator=g)
         x_t = scheduler.add_noise(TABLE, batch["latents"], noise, t)
