@@ -350,14 +350,17 @@ def test_save_vae_round_trip(tmp_path):
 
 # ---- python -m cogvideox train / encode-dataset ----------------------------------------------------------------
 
-def make_dataset(directory, n=3, seed=0, frames=2, h=4, w=6, channels=4, L=5, D=24):
+def make_dataset(directory, n=3, seed=0, frames=2, h=4, w=6, channels=4, L=5, D=24, prefix="clip", image=False):
     from safetensors.torch import save_file
 
     directory.mkdir(parents=True, exist_ok=True)
     g = torch.Generator().manual_seed(seed)
     for i in range(n):
-        save_file({"latents": torch.randn(frames, channels, h, w, generator=g),
-                   "prompt_embeds": torch.randn(L, D, generator=g)}, str(directory / f"clip{i}.safetensors"))
+        sample = {"latents": torch.randn(frames, channels, h, w, generator=g),
+                  "prompt_embeds": torch.randn(L, D, generator=g)}
+        if image:   # as encode-dataset --i2v: one noisy frame of the clip
+            sample["image_latents"] = sample["latents"][:1] + 0.05 * torch.randn(1, channels, h, w, generator=g)
+        save_file(sample, str(directory / f"{prefix}{i}.safetensors"))
     return directory
 
 
@@ -422,6 +425,38 @@ def test_train_cli_fits_saves_for_diffusers_and_resumes_bit_exactly(tmp_path):
     # --resume latest: the newest checkpoint in --out, the log continues
     assert _cli(*TRAIN, "--data", data, "--out", run, "--steps", 13, "--resume", "latest") == 0
     assert [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()][-2:] == [12, 13]
+
+
+def test_train_cli_stages_and_buckets_resume_bit_exactly(tmp_path, capsys):
+    """Two latents shapes (32x48 pixels, 5 frames; 64x96, 9 frames) under --stages: stage 0 trains on the small
+    bucket only, stage 1 on both; log.jsonl names each step's stage and shape; a resume from step 2 (inside stage
+    0) reproduces steps 3..6 across the stage boundary, log and weights bit for bit."""
+    import json
+
+    from safetensors.torch import load_file
+
+    data = make_dataset(tmp_path / "data", n=4)
+    make_dataset(data, n=2, seed=1, frames=3, h=8, w=12, prefix="big")
+    flags = (*TRAIN, "--data", data, "--batch-size", 2, "--stages", "3:32x48x5,3:64x96x9", "--steps", 6)
+    assert _cli(*flags, "--out", tmp_path / "run", "--save-every", 2) == 0
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["stage"] for r in log] == [0, 0, 0, 1, 1, 1]
+    assert all(r["shape"] == [2, 4, 4, 6] for r in log[:3])
+    # stage 1's first epoch: the small bucket's 2 batches and the big bucket's 1, in a seeded order
+    assert sorted(tuple(r["shape"]) for r in log[3:]) == [(2, 4, 4, 6), (2, 4, 4, 6), (3, 4, 8, 12)]
+    assert all(len(r["timesteps"]) == 2 and math.isfinite(r["loss"]) for r in log)
+
+    assert _cli(*flags, "--out", tmp_path / "resumed", "--resume", tmp_path / "run" / "checkpoint-000002") == 0
+    log2 = [json.loads(line) for line in (tmp_path / "resumed" / "log.jsonl").read_text().splitlines()]
+    assert ([{k: v for k, v in r.items() if k != "seconds"} for r in log2]
+            == [{k: v for k, v in r.items() if k != "seconds"} for r in log[2:]])
+    name = "checkpoint-000006/transformer/diffusion_pytorch_model.safetensors"
+    a, b = load_file(str(tmp_path / "run" / name)), load_file(str(tmp_path / "resumed" / name))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # another schedule would be another data order: refused
+    assert _cli(*TRAIN, "--data", data, "--batch-size", 2, "--stages", "2:32x48x5,4:64x96x9", "--steps", 6,
+                "--out", tmp_path / "other", "--resume", tmp_path / "run" / "checkpoint-000002") == 1
+    assert "data order" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("flags", [("--autocast", "bf16"), ("--dtype", "bf16"), ("--loss", "v-mse", "--timesteps",
