@@ -373,12 +373,15 @@ def _eval_loss(model, data_dir):
     """A fixed-noise, fixed-timestep v-MSE over the data set: the fit, free of the training draws' variance."""
     from cogvideox.train_cli import LatentDataset
 
-    data = LatentDataset(str(data_dir))
+    i2v = model.config.in_channels == 2 * model.config.out_channels
+    data = LatentDataset(str(data_dir), image=i2v)
     batch = data.batch(range(len(data)))
     g = torch.Generator().manual_seed(123)
     t = torch.randint(0, 1000, (len(data),), generator=g)
     noise = torch.randn(batch["latents"].shape, generator=g)
     x_t = scheduler.add_noise(TABLE, batch["latents"], noise, t)
+    if i2v:      # [noisy | image, zero frames], no image dropout
+        x_t = torch.cat([x_t, training.image_condition(batch["image_latents"], x_t.shape[1])], dim=2)
     with torch.no_grad():
         return training.v_mse_loss(TABLE, model(x_t, batch["prompt_embeds"], t), batch["latents"], noise, t).item()
 
@@ -611,6 +614,75 @@ def test_encode_dataset_png_frames_with_precomputed_embeddings(tmp_path):
     assert len(LatentDataset(str(out))) == 2
     # and the folder trains
     assert _cli(*TRAIN, "--data", out, "--out", tmp_path / "run", "--steps", 2) == 0
+
+
+def test_image_condition():
+    first = torch.randn(3, 1, 4, 2, 3)
+    cond = training.image_condition(first, 5, drop=torch.tensor([False, True, False]))
+    assert cond.shape == (3, 5, 4, 2, 3)
+    assert torch.equal(cond[0, 0], first[0, 0]) and torch.equal(cond[2, 0], first[2, 0])
+    assert not cond[1].any() and not cond[:, 1:].any()
+    assert torch.equal(training.image_condition(first, 1), first)
+    with pytest.raises(ValueError, match="first"):
+        training.image_condition(first[:, 0], 5)
+    with pytest.raises(ValueError, match="drop"):
+        training.image_condition(first, 5, drop=torch.zeros(2, dtype=torch.bool))
+
+
+def test_encode_dataset_i2v_and_train_an_i2v_model(tmp_path):
+    """encode-dataset --i2v stores the first frame, noise-augmented, encoded and scaled (checked against the
+    computation by hand); train fine-tunes a tiny I2V model (in_channels 8): a few steps lower the fixed-noise loss
+    of the conditioned model, and diffusers loads the checkpoint and computes what we compute on [noisy | image]."""
+    import json
+
+    from diffusers import CogVideoXTransformer3DModel
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from cogvideox.config import VAEConfig
+    from cogvideox.export import save_transformer, save_vae
+    from cogvideox.train_cli import read_video, video_tensor
+    from cogvideox.vae import CogVideoXVAE, load_vae
+    from cogvideox.weights import load_transformer
+
+    vae_dir = save_vae(randomize_(CogVideoXVAE(VAEConfig.preset("tiny", latent_channels=4)), 0), tmp_path / "vae")
+    videos = tmp_path / "videos"
+    _png_clip(videos / "a", frames=5, seed=0)
+    save_file({"a": torch.randn(5, 24)}, str(tmp_path / "embeds.safetensors"))
+    encoded = tmp_path / "encoded"
+    assert _cli("encode-dataset", "--videos", videos, "--vae", vae_dir, "--prompt-embeds",
+                tmp_path / "embeds.safetensors", "--out", encoded, "--seed", 3, "--i2v") == 0
+    a = load_file(str(encoded / "a.safetensors"))
+    vae, g = load_vae(vae_dir), torch.Generator().manual_seed(3)
+    video = video_tensor(read_video(str(videos / "a")), None, None, None, "a")         # (1, 3, 5, 32, 48)
+    with torch.no_grad():
+        vae.encode(video).sample(g)                                     # the video latents' draw comes first
+        sigma = float(torch.exp(-3.0 + 0.5 * torch.randn(1, generator=g)))
+        noisy = video[:, :, :1] + sigma * torch.randn(1, 3, 1, 32, 48, generator=g)
+        expected = (vae.encode(noisy).sample(g) * vae.config.scaling_factor)[0].permute(1, 0, 2, 3)
+    assert a["image_latents"].shape == (1, 4, 4, 6) and a["latents"].shape == (2, 4, 4, 6)
+    torch.testing.assert_close(a["image_latents"], expected, rtol=0, atol=0)
+    with safe_open(str(encoded / "a.safetensors"), "pt") as f:
+        assert float(f.metadata()["image_noise_sigma"]) == sigma
+    assert "image_latents" in json.loads((encoded / "dataset.json").read_text())
+
+    torch.manual_seed(0)
+    model_dir = save_transformer(CogVideoXTransformer(TransformerConfig.preset("tiny", in_channels=8)),
+                                 tmp_path / "i2v")
+    i2v = ("train", "--model", model_dir, "--lr", "3e-3", "--seed", "1", "--no-progress")
+    assert _cli(*i2v, "--data", encoded, "--out", tmp_path / "smoke", "--steps", 1) == 0   # the encoded folder
+    data = make_dataset(tmp_path / "data", image=True)
+    run = tmp_path / "run"
+    assert _cli(*i2v, "--data", data, "--out", run, "--steps", 12) == 0
+    before = _eval_loss(load_transformer(str(model_dir)), data)
+    trained = load_transformer(str(run / "checkpoint-000012" / "transformer"))
+    after = _eval_loss(trained, data)
+    assert after < 0.9 * before, (before, after)      # measured: 1.40 -> 0.97 (fixed-noise v-MSE, CPU fp32)
+    ref = CogVideoXTransformer3DModel.from_pretrained(str(run / "checkpoint-000012" / "transformer")).eval()
+    assert ref.config.in_channels == 8
+    x, text, t = torch.randn(1, 2, 8, 4, 6), torch.randn(1, 5, 24), torch.tensor([250])
+    with torch.no_grad():
+        assert_parity(trained(x, text, t), ref(x, text, t, return_dict=False)[0], rtol=1e-5, atol=0)
 
 
 def _free_port():
