@@ -706,13 +706,17 @@ def _torchrun(data, out, *extra, steps=1):
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
-def _two_rank_step_by_hand(data):
+def _two_rank_step_by_hand(data, lora_rank=0):
     """One data-parallel step rebuilt in one process: each rank's samples, timestep interval and noise, the
-    gradients averaged, clipped, AdamW. -> (model after the step, mean loss)."""
+    gradients averaged, clipped, AdamW (of the LoRA adapters alone with lora_rank). -> (model after the step,
+    mean loss)."""
     from cogvideox.train_cli import BatchOrder, LatentDataset
 
     torch.manual_seed(1)
     model = CogVideoXTransformer(TransformerConfig.preset("tiny")).train()
+    if lora_rank:
+        training.add_lora(model, rank=lora_rank)
+    params = [p for p in model.parameters() if p.requires_grad]
     dataset, grads, losses = LatentDataset(str(data)), [], []
     for rank in range(2):
         g = torch.Generator().manual_seed(1_000 + rank)
@@ -723,12 +727,12 @@ def _two_rank_step_by_hand(data):
         model.zero_grad()
         loss = training.cogvideox_loss(TABLE, model(x_t, batch["prompt_embeds"], t), batch["latents"], x_t, t)
         loss.backward()
-        grads.append([p.grad.clone() for p in model.parameters()])
+        grads.append([p.grad.clone() for p in params])
         losses.append(loss.item())
-    for p, g0, g1 in zip(model.parameters(), *grads):
+    for p, g0, g1 in zip(params, *grads):
         p.grad = (g0 + g1) / 2
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=1e-4).step()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    torch.optim.AdamW(params, lr=3e-3, betas=(0.9, 0.95), weight_decay=1e-4).step()
     return model, sum(losses) / 2
 
 
@@ -774,6 +778,49 @@ def test_train_cli_fsdp2_two_gloo_processes_and_resume(tmp_path):
     name = "checkpoint-000003/transformer/diffusion_pytorch_model.safetensors"
     a, b = load_file(str(tmp_path / "run" / name)), load_file(str(tmp_path / "resumed" / name))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_train_cli_fsdp2_lora_two_gloo_processes_and_resume(tmp_path):
+    """--fsdp --lora-rank (frozen base weights and trainable adapters in the same fully_shard units): the first
+    step equals the LoRA data-parallel step rebuilt in one process (the adapters, and the merged model diffusers
+    loads); resuming from the gathered step-1 checkpoint reproduces step 2's adapters bit for bit."""
+    pytest.importorskip("peft", reason="peft (the 'train' extra) is not installed")
+    from safetensors.torch import load_file
+
+    data = make_dataset(tmp_path / "data", n=4)
+    _torchrun(data, tmp_path / "run", "--fsdp", "--lora-rank", 4, "--save-every", 1, steps=2)
+    model, _ = _two_rank_step_by_hand(data, lora_rank=4)
+    first = tmp_path / "run" / "checkpoint-000001"
+    adapters, expected = load_file(str(first / "lora.safetensors")), training.lora_state(model)
+    assert adapters.keys() == expected.keys() and len(adapters) == 2 * 2 * 2     # A, B; to_qkv, to_out; 2 blocks
+    for k in expected:
+        torch.testing.assert_close(adapters[k], expected[k], rtol=1e-5, atol=1e-8, msg=k)
+    assert any(k.endswith("lora_B.default.weight") and adapters[k].abs().max() > 0 for k in adapters)
+    from cogvideox.weights import load_transformer
+    merged = load_transformer(str(first / "transformer")).state_dict()     # diffusers' keys back to ours
+    by_hand = training.merged_state(model)
+    assert merged.keys() == by_hand.keys()
+    for k in by_hand:
+        torch.testing.assert_close(merged[k], by_hand[k], rtol=1e-5, atol=1e-8, msg=k)
+
+    _torchrun(data, tmp_path / "resumed", "--fsdp", "--lora-rank", 4, "--resume", first, steps=2)
+    name = "checkpoint-000002/lora.safetensors"
+    a, b = load_file(str(tmp_path / "run" / name)), load_file(str(tmp_path / "resumed" / name))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_merged_state_from_a_state_dict_is_merged_state():
+    """What FSDP checkpoints use (the gathered state dict) gives the single-process merge bit for bit."""
+    pytest.importorskip("peft", reason="peft (the 'train' extra) is not installed")
+    model, _ = tiny_model(7)
+    training.add_lora(model, rank=3, alpha=6.0)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_()
+    a, b = training.merged_state(model), training.merged_state_from(model, model.state_dict())
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], v) for k, v in tiny_model(7)[0].state_dict().items())
 
 
 def _tiny_t5(model_dir):
