@@ -221,14 +221,14 @@ class BatchOrder:
     of epochs; an epoch is one bucket_batches draw from a generator seeded by (seed, stage, epoch)."""
 
     def __init__(self, shapes, batch: int, world: int, seed: int, stages=None):
-        from . import training
+        import collections
 
         self.batch, self.world, self.seed, self.stages = batch, world, seed, stages
         self.shapes = [tuple(s) for s in shapes]
         self.members, self.lengths = [], []           # per stage: eligible sample indices, batches per epoch
         for stage in stages or (None,):
             members = [i for i, s in enumerate(self.shapes) if stage is None or fits(s, stage)]
-            n = len(training.bucket_batches([self.shapes[i] for i in members], batch * world, drop_last=True))
+            n = sum(c // (batch * world) for c in collections.Counter(self.shapes[i] for i in members).values())
             if n == 0:
                 where = "" if stage is None else (f" of stage {len(self.members)} ({stage.height}x{stage.width} "
                                                   f"pixels, {stage.frames} frames: {len(members)} samples fit)")
