@@ -685,6 +685,19 @@ def test_encode_dataset_i2v_and_train_an_i2v_model(tmp_path):
         assert_parity(trained(x, text, t), ref(x, text, t, return_dict=False)[0], rtol=1e-5, atol=0)
 
 
+def test_train_cli_i2v_15_passes_ofs(tmp_path):
+    """A 1.5-I2V config (ofs embedding, temporal patches): the forward requires ofs, so a finished run means train
+    passed it (2.0, as the pipeline)."""
+    from cogvideox.export import save_transformer
+
+    cfg = TransformerConfig.preset("tiny", in_channels=8, ofs_embed_dim=24, patch_size_t=2, patch_bias=False,
+                                   use_rotary_positional_embeddings=True)
+    model_dir = save_transformer(CogVideoXTransformer(cfg), tmp_path / "i2v15")
+    data = make_dataset(tmp_path / "data", n=2, image=True)
+    assert _cli("train", "--model", model_dir, "--data", data, "--out", tmp_path / "run", "--steps", 2,
+                "--no-progress") == 0
+
+
 def _free_port():
     import socket
     with socket.socket() as s:
