@@ -174,7 +174,8 @@ class LatentDataset:
             shapes = {tuple(s[key].shape) for s in samples}
             if len(shapes) > 1:
                 raise ValueError(f"samples {[os.path.basename(self.files[i]) for i in indices]} have different "
-                                 f"{key} shapes {sorted(shapes)} (the prompts must share one padded length)")
+                                 f"{key} shapes {sorted(shapes)} (batches share one latents shape; prompts must "
+                                 f"share one padded length)")
             out[key] = torch.stack([s[key] for s in samples])
         return out
 
@@ -183,7 +184,8 @@ def parse_stages(spec: str | None, batch_size: int):
     """--stages -> a tuple of training.Stage, or None (no stages: every bucket at every step).
     'paper': the paper's schedule (training.paper_stages: steps, max resolutions and durations); 'S:HxWxF,...':
     S steps on videos of at most H x W pixels (either orientation) and F frames each. Stages choose shapes only:
-    the batch stays --batch-size per rank (the paper's global batches of 2000 -> 100 videos are not reproduced)."""
+    every Stage.batch_size is `batch_size`, the run's global batch (--batch-size x world), so the paper's global
+    batches of 2000 -> 100 videos are not reproduced (they would need gradient accumulation)."""
     import dataclasses
 
     from . import training
@@ -324,7 +326,7 @@ def _check_train_args(parser, a):
     if not 0 <= a.image_dropout <= 1:
         _fail(parser, f"--image-dropout must be in [0, 1], got {a.image_dropout}")
     try:
-        parse_stages(a.stages, a.batch_size)
+        parse_stages(a.stages, a.batch_size * int(os.environ.get("WORLD_SIZE", "1")))
     except ValueError as e:
         _fail(parser, str(e))
     if a.fsdp and int(os.environ.get("WORLD_SIZE", "1")) < 2:
@@ -475,7 +477,7 @@ def train_command(parser, a) -> int:
         if saved is not None and saved.get("order", order_key) != order_key:
             raise ValueError(f"--resume: the checkpoint's data order came from {saved['order']}, this run asks for "
                              f"{order_key}: resume with the same --stages, --batch-size and --seed")
-        order = BatchOrder(data.shapes, a.batch_size, d.world, a.seed, parse_stages(a.stages, a.batch_size))
+        order = BatchOrder(data.shapes, a.batch_size, d.world, a.seed, parse_stages(a.stages, a.batch_size * d.world))
         model = _build_model(a, dtype, d.device).train()
         model.checkpointing = a.checkpointing
         if a.lora_rank:
