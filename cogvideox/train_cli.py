@@ -8,15 +8,22 @@ The dataset folder: one `NAME.safetensors` per sample holding
     latents        (F, C, h, w) fp32: the VAE posterior sample x the VAE's scaling_factor, frames first (the
                    transformer's layout; diffusers' example does the same: latent_dist.sample() * scaling_factor)
     prompt_embeds  (L, D) fp32: T5 output for the prompt, padded to L tokens, no attention mask (as the pipeline)
-and `dataset.json` describing it. Samples in one batch must share shapes.
+    image_latents  (1, C, h, w) fp32, with `encode-dataset --i2v` (needed to fine-tune image-to-video models):
+                   the first frame plus noise of sigma = exp(N(-3, 0.5)) (diffusers' I2V fine-tuning augmentation,
+                   drawn once per clip here), encoded alone and scaled as inference scales the image latent
+and `dataset.json` describing it. Samples of several latents shapes are batched by shape (one bucket per step;
+--stages picks the buckets per step, progressive resolution). For an I2V model `train` builds the input as the
+pipeline does: [noisy latents | image latent, then zero frames] on the channel axis, the image zeroed for a sample
+with probability --image-dropout (diffusers' default 0.05), ofs 2.0 for 1.5-I2V.
 
-A run directory: `log.jsonl` (one JSON line per step: step, loss, grad_norm, lr, timesteps, seconds),
+A run directory: `log.jsonl` (one JSON line per step: step, stage, shape, loss, grad_norm, lr, timesteps, seconds),
 `args.json`, and `checkpoint-NNNNNN/` every --save-every steps and at the end, each with `transformer/` in diffusers
 format (diffusers' CogVideoXTransformer3DModel.from_pretrained loads it) and `training_state.pt` (optimizer, LR
 schedule, step, and every rank's RNG states) from which `--resume` continues bit-exactly.
 Distributed: under torchrun (WORLD_SIZE > 1) the model is wrapped in DDP (NCCL on CUDA, gloo on CPU), or with --fsdp
-sharded by FSDP2 (fully_shard per block; checkpoints gather the full state on rank 0); each rank reads its own
-samples and draws timesteps in its own interval (Explicit Uniform Sampling, paper §3.3).
+sharded by FSDP2 (fully_shard per block, with or without LoRA; checkpoints gather the full state on rank 0); a
+step's global batch comes from one bucket, split across the ranks; each rank reads its own slice and draws timesteps
+in its own interval (Explicit Uniform Sampling, paper §3.3).
 """
 from __future__ import annotations
 
@@ -56,6 +63,16 @@ def add_parsers(sub) -> None:
     opt.add_argument("--loss", choices=["cogvideox", "v-mse"], default="cogvideox")
     opt.add_argument("--timesteps", choices=["explicit-uniform", "uniform"], default="explicit-uniform")
     opt.add_argument("--snr-shift", type=float, help="default: the model's scheduler (2B 3.0, 5B 1.0)")
+    opt.add_argument("--stages", metavar="SPEC",
+                     help="progressive resolution (paper §3.3): 'paper' (256x384 for 400k steps, 480x720 for 220k, "
+                          "768x1360 for 120k + 10k; 49, 49, 81, 81 frames) or 'STEPS:HxWxF,...' (e.g. "
+                          "'2000:256x384x49,1000:480x720x49'). Each step trains on the latent buckets whose video "
+                          "(8h x 8w pixels, 4(F-1)+1 frames) fits the step's stage (short side <= the stage's short "
+                          "side, long side <= its long side, frames <= F); past the last stage, the last one. "
+                          "--batch-size stays the batch. Default: every bucket at every step")
+    opt.add_argument("--image-dropout", type=float, default=0.05, metavar="P",
+                     help="image-to-video models: the probability that a sample's image condition is zeros "
+                          "(diffusers' I2V example: --noised_image_dropout 0.05)")
     run = t.add_argument_group("run")
     run.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
                      help="parameter dtype (default fp32; fp16 would need loss scaling)")
@@ -95,6 +112,9 @@ def add_parsers(sub) -> None:
     e.add_argument("--dtype", choices=list(DTYPES), default="fp32")
     e.add_argument("--device", default="auto")
     e.add_argument("--seed", type=int, default=0, help="the posterior samples' generator")
+    e.add_argument("--i2v", action="store_true",
+                   help="also store image_latents, the noise-augmented first frame encoded alone (for fine-tuning "
+                        "image-to-video models; see 'image_latents' above)")
     e.set_defaults(subparser=e)
 
 
@@ -106,14 +126,28 @@ def _raw():
 # ---- the dataset -------------------------------------------------------------------------------------------
 
 class LatentDataset:
-    """A folder of NAME.safetensors samples (module docstring); sorted by name, read on demand."""
+    """A folder of NAME.safetensors samples (module docstring); sorted by name, read on demand. `shapes` holds every
+    sample's latents shape (read from the headers only): the buckets."""
 
-    def __init__(self, directory: str):
+    def __init__(self, directory: str, image: bool = False):
+        from safetensors import safe_open
+
         if not os.path.isdir(directory):
             raise FileNotFoundError(f"--data {directory}: not a directory")
         self.files = sorted(glob.glob(os.path.join(directory, "*.safetensors")))
         if not self.files:
             raise FileNotFoundError(f"--data {directory}: no .safetensors samples (make them with encode-dataset)")
+        self.image = image
+        self.shapes = []
+        for path in self.files:
+            with safe_open(path, "pt") as f:
+                keys = set(f.keys())
+                if "latents" not in keys:
+                    raise ValueError(f"{path}: no 'latents' tensor")
+                if image and "image_latents" not in keys:
+                    raise ValueError(f"{path}: no 'image_latents' (an image-to-video model needs them: make the "
+                                     f"dataset with encode-dataset --i2v)")
+                self.shapes.append(tuple(f.get_slice("latents").get_shape()))
 
     def __len__(self):
         return len(self.files)
@@ -122,10 +156,13 @@ class LatentDataset:
         from safetensors.torch import load_file
 
         sample = load_file(self.files[i])
-        for key, nd in (("latents", 4), ("prompt_embeds", 2)):
+        for key, nd in (("latents", 4), ("prompt_embeds", 2)) + ((("image_latents", 4),) if self.image else ()):
             if key not in sample or sample[key].dim() != nd:
                 raise ValueError(f"{self.files[i]}: needs '{key}' with {nd} dimensions, got "
                                  f"{tuple(sample[key].shape) if key in sample else 'nothing'}")
+        if self.image and sample["image_latents"].shape != (1, *sample["latents"].shape[1:]):
+            raise ValueError(f"{self.files[i]}: image_latents {tuple(sample['image_latents'].shape)} must be "
+                             f"(1, C, h, w) like one frame of latents {tuple(sample['latents'].shape)}")
         return sample
 
     def batch(self, indices) -> dict:
@@ -133,27 +170,95 @@ class LatentDataset:
 
         samples = [self[i] for i in indices]
         out = {}
-        for key in ("latents", "prompt_embeds"):
+        for key in ("latents", "prompt_embeds") + (("image_latents",) if self.image else ()):
             shapes = {tuple(s[key].shape) for s in samples}
             if len(shapes) > 1:
                 raise ValueError(f"samples {[os.path.basename(self.files[i]) for i in indices]} have different "
-                                 f"{key} shapes {sorted(shapes)}: use --batch-size 1 or bucket the data")
+                                 f"{key} shapes {sorted(shapes)} (batches share one latents shape; prompts must "
+                                 f"share one padded length)")
             out[key] = torch.stack([s[key] for s in samples])
         return out
 
 
-def sample_indices(step: int, batch: int, rank: int, world: int, n: int, seed: int) -> list[int]:
-    """The dataset indices rank `rank` trains on at `step`: a stream of epochs, each a fresh permutation drawn from
-    (seed, epoch) alone, so the data order is a function of the step (nothing to save for a resume)."""
-    import torch
+def parse_stages(spec: str | None, batch_size: int):
+    """--stages -> a tuple of training.Stage, or None (no stages: every bucket at every step).
+    'paper': the paper's schedule (training.paper_stages: steps, max resolutions and durations); 'S:HxWxF,...':
+    S steps on videos of at most H x W pixels (either orientation) and F frames each. Stages choose shapes only:
+    every Stage.batch_size is `batch_size`, the run's global batch (--batch-size x world), so the paper's global
+    batches of 2000 -> 100 videos are not reproduced (they would need gradient accumulation)."""
+    import dataclasses
 
-    out = []
-    for j in range(batch):
-        i = (step * world + rank) * batch + j
-        epoch, pos = divmod(i, n)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-        out.append(int(perm[pos]))
-    return out
+    from . import training
+
+    if spec is None:
+        return None
+    if spec == "paper":
+        return tuple(dataclasses.replace(s, batch_size=batch_size) for s in training.paper_stages())
+    stages = []
+    for part in spec.split(","):
+        try:
+            steps, size = part.split(":")
+            h, w, f = (int(v) for v in size.lower().split("x"))
+            stages.append(training.Stage(int(steps), h, w, f, batch_size))
+        except ValueError as e:
+            raise ValueError(f"--stages: {part!r} is not STEPS:HEIGHTxWIDTHxFRAMES ({e})") from None
+    return tuple(stages)
+
+
+def fits(shape, stage, spatial: int = 8, temporal: int = 4) -> bool:
+    """Whether latents of shape (F, C, h, w) come from a video inside the stage's limits: (F - 1) x 4 + 1 frames of
+    8h x 8w pixels (every CogVideoX VAE's compression), the short side within the stage's short side, the long side
+    within its long side."""
+    F, _, h, w = shape
+    H, W = h * spatial, w * spatial
+    return ((F - 1) * temporal + 1 <= stage.frames and min(H, W) <= min(stage.height, stage.width)
+            and max(H, W) <= max(stage.height, stage.width))
+
+
+class BatchOrder:
+    """Which samples each rank trains on at each step, a function of (seed, step) alone, so a resume needs no
+    saved sampler state. Every step takes one global batch of world x batch same-shape samples (one bucket:
+    training.bucket_batches with drop_last) and gives rank r its r-th slice, so all ranks run the same shape. With
+    stages, step s trains in stage_at(stages, s) on the buckets that `fits` it, and each stage starts its own stream
+    of epochs; an epoch is one bucket_batches draw from a generator seeded by (seed, stage, epoch)."""
+
+    def __init__(self, shapes, batch: int, world: int, seed: int, stages=None):
+        import collections
+
+        self.batch, self.world, self.seed, self.stages = batch, world, seed, stages
+        self.shapes = [tuple(s) for s in shapes]
+        self.members, self.lengths = [], []           # per stage: eligible sample indices, batches per epoch
+        for stage in stages or (None,):
+            members = [i for i, s in enumerate(self.shapes) if stage is None or fits(s, stage)]
+            n = sum(c // (batch * world) for c in collections.Counter(self.shapes[i] for i in members).values())
+            if n == 0:
+                where = "" if stage is None else (f" of stage {len(self.members)} ({stage.height}x{stage.width} "
+                                                  f"pixels, {stage.frames} frames: {len(members)} samples fit)")
+                raise ValueError(f"--data: no bucket{where} holds a global batch of {world} x {batch} samples of one "
+                                 f"latents shape (shapes: {sorted(set(self.shapes))})")
+            self.members.append(members)
+            self.lengths.append(n)
+        self._epoch = (None, None)
+
+    def __call__(self, step: int, rank: int) -> tuple[int, list[int]]:
+        """-> (stage index, the dataset indices rank `rank` trains on at optimizer step `step`, 0-based)."""
+        import torch
+
+        from . import training
+
+        stage, begin = 0, 0
+        if self.stages:
+            stage, _ = training.stage_at(self.stages, step)
+            begin = sum(s.steps for s in self.stages[:stage])
+        epoch, pos = divmod(step - begin, self.lengths[stage])
+        if self._epoch[0] != (stage, epoch):
+            members = self.members[stage]
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + stage * 100_003 + epoch)
+            batches = training.bucket_batches([self.shapes[i] for i in members], self.batch * self.world, g,
+                                              drop_last=True)
+            self._epoch = ((stage, epoch), [[members[j] for j in b] for b in batches])
+        chosen = self._epoch[1][pos]
+        return stage, chosen[rank * self.batch:(rank + 1) * self.batch]
 
 
 # ---- distributed -------------------------------------------------------------------------------------------
@@ -218,12 +323,16 @@ def _check_train_args(parser, a):
             _fail(parser, f"--{name.replace('_', '-')} must be >= 0, got {getattr(a, name)}")
     if a.lr <= 0:
         _fail(parser, f"--lr must be > 0, got {a.lr}")
+    if not 0 <= a.image_dropout <= 1:
+        _fail(parser, f"--image-dropout must be in [0, 1], got {a.image_dropout}")
+    try:
+        parse_stages(a.stages, a.batch_size * int(os.environ.get("WORLD_SIZE", "1")))
+    except ValueError as e:
+        _fail(parser, str(e))
     if a.fsdp and int(os.environ.get("WORLD_SIZE", "1")) < 2:
         _fail(parser, "--fsdp shards across processes: run under torchrun with --nproc_per_node >= 2")
     if a.lora_rank < 0:
         _fail(parser, f"--lora-rank must be >= 0, got {a.lora_rank}")
-    if a.lora_rank and a.fsdp:
-        _fail(parser, "--lora-rank with --fsdp is not supported (LoRA fits one GPU: use DDP)")
     if a.resume == "latest":
         found = sorted(glob.glob(os.path.join(a.out, "checkpoint-*", STATE_NAME)))
         if not found:
@@ -232,9 +341,10 @@ def _check_train_args(parser, a):
     if a.resume is not None and not os.path.isfile(os.path.join(a.resume, STATE_NAME)):
         _fail(parser, f"--resume {a.resume}: no {STATE_NAME} (expected a checkpoint-NNNNNN directory)")
     cfg = _config(parser, a)
-    if cfg.in_channels != cfg.out_channels:
-        _fail(parser, "image-to-video models (in_channels = 2 x out_channels) need image latents, which this "
-                      "trainer does not build yet: fine-tune a text-to-video model")
+    if cfg.in_channels not in (cfg.out_channels, 2 * cfg.out_channels):
+        _fail(parser, f"in_channels {cfg.in_channels} is neither out_channels {cfg.out_channels} (text-to-video) "
+                      f"nor twice it (image-to-video)")
+    return cfg
 
 
 def _transformer_dir(a) -> str:
@@ -297,7 +407,7 @@ def _rng_state(generator):
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
-def _save_checkpoint(a, d: Dist, model, optimizer, lr_schedule, generator, step, snr):
+def _save_checkpoint(a, d: Dist, model, optimizer, lr_schedule, generator, step, snr, order_key):
     import torch
 
     from .export import save_transformer
@@ -321,14 +431,19 @@ def _save_checkpoint(a, d: Dist, model, optimizer, lr_schedule, generator, step,
             from safetensors.torch import save_file
 
             from . import training
-            model_state = training.merged_state(model)
+            if a.fsdp:    # the gathered full state: base weights and adapters, peft's key names
+                adapters = {k: v for k, v in model_state.items() if ".lora_" in k}
+                model_state = training.merged_state_from(model, model_state)
+            else:
+                adapters = training.lora_state(model)
+                model_state = training.merged_state(model)
             os.makedirs(path, exist_ok=True)
-            save_file({k: v.detach().cpu().contiguous() for k, v in training.lora_state(model).items()},
+            save_file({k: v.detach().cpu().contiguous() for k, v in adapters.items()},
                       os.path.join(path, "lora.safetensors"))
         save_transformer(model, os.path.join(path, "transformer"), state_dict=model_state)
         state = {"step": step, "optimizer": optim_state if a.fsdp else optimizer.state_dict(),
                  "lr_schedule": lr_schedule.state_dict(), "rng": rngs, "world": d.world, "snr_shift": snr,
-                 "seed": a.seed}
+                 "seed": a.seed, "order": order_key}
         torch.save(state, os.path.join(path, STATE_NAME + ".tmp"))
         os.replace(os.path.join(path, STATE_NAME + ".tmp"), os.path.join(path, STATE_NAME))
     d.barrier()
@@ -341,10 +456,11 @@ def train_command(parser, a) -> int:
     from . import scheduler, training
     from .transformer import compile_blocks
 
-    _check_train_args(parser, a)
+    cfg = _check_train_args(parser, a)
+    i2v = cfg.in_channels == 2 * cfg.out_channels
     try:
-        data = LatentDataset(a.data)
-    except FileNotFoundError as e:
+        data = LatentDataset(a.data, image=i2v)
+    except (FileNotFoundError, ValueError) as e:
         _fail(parser, str(e))
     d = Dist(a.device)
     try:
@@ -357,6 +473,11 @@ def train_command(parser, a) -> int:
         if saved is not None and saved["world"] != d.world:
             raise ValueError(f"--resume: the checkpoint was written by {saved['world']} processes, this run has "
                              f"{d.world} (the RNG streams are per rank)")
+        order_key = {"stages": a.stages, "batch_size": a.batch_size, "seed": a.seed}
+        if saved is not None and saved.get("order", order_key) != order_key:
+            raise ValueError(f"--resume: the checkpoint's data order came from {saved['order']}, this run asks for "
+                             f"{order_key}: resume with the same --stages, --batch-size and --seed")
+        order = BatchOrder(data.shapes, a.batch_size, d.world, a.seed, parse_stages(a.stages, a.batch_size * d.world))
         model = _build_model(a, dtype, d.device).train()
         model.checkpointing = a.checkpointing
         if a.lora_rank:
@@ -417,8 +538,15 @@ def train_command(parser, a) -> int:
         try:
             for step in bar:
                 t0 = time.perf_counter()
-                idx = sample_indices(step, a.batch_size, d.rank, d.world, len(data), a.seed)
+                stage, idx = order(step, d.rank)
                 batch = {k: v.to(device=d.device, dtype=dtype) for k, v in data.batch(idx).items()}
+                if i2v:
+                    # one draw per sample from the run's generator before the step's timesteps and noise (resumable)
+                    drop = torch.rand(len(idx), generator=generator) < a.image_dropout
+                    batch["image_latents"] = training.image_condition(batch["image_latents"],
+                                                                      batch["latents"].shape[1], drop)
+                    if cfg.ofs_embed_dim:     # 1.5-I2V: the pipeline's (and CogVideo's finetune) ofs 2.0
+                        batch["ofs"] = torch.full((1,), 2.0, device=d.device, dtype=dtype)
                 res = training.train_step(wrapped, batch, optimizer, table, generator=generator,
                                           sample_timesteps=sampler, loss=a.loss,
                                           max_grad_norm=a.max_grad_norm if a.max_grad_norm > 0 else None,
@@ -427,7 +555,9 @@ def train_command(parser, a) -> int:
                 lr_schedule.step()
                 loss = d.mean(res.loss)
                 if log is not None:
-                    log.write(json.dumps({"step": step + 1, "loss": loss, "grad_norm": res.grad_norm, "lr": lr,
+                    log.write(json.dumps({"step": step + 1, "stage": stage,
+                                          "shape": list(batch["latents"].shape[1:]), "loss": loss,
+                                          "grad_norm": res.grad_norm, "lr": lr,
                                           "timesteps": res.timesteps.tolist(),
                                           "seconds": round(time.perf_counter() - t0, 4)}) + "\n")
                     log.flush()
@@ -435,7 +565,7 @@ def train_command(parser, a) -> int:
                         bar.set_postfix(loss=f"{loss:.4f}")
                 done = step + 1
                 if done == a.steps or (a.save_every and done % a.save_every == 0):
-                    path = _save_checkpoint(a, d, model, optimizer, lr_schedule, generator, done, snr)
+                    path = _save_checkpoint(a, d, model, optimizer, lr_schedule, generator, done, snr, order_key)
                     if d.rank == 0:
                         print(f"saved: {path}", flush=True)
         finally:
@@ -512,6 +642,23 @@ def _samples(videos: str):
     return names
 
 
+def image_latents(vae, frame, factors, generator):
+    """The I2V training condition of one clip: frame (1, 3, 1, H, W) in [-1, 1], the video's first frame, plus
+    Gaussian noise of sigma = exp(N(-3, 0.5)) (the image-noise augmentation of diffusers' train_cogvideox_image_to_
+    video_lora.py and CogVideo's finetune I2V trainer, both drawing it per step; here one draw per clip, at encode
+    time), encoded alone, sampled, scaled as pipeline.image_latents scales it (x scaling_factor; 1 / it for VAEs
+    with invert_scale_latents). Draws sigma, the noise and the posterior sample from `generator`, in that order.
+    -> ((1, C, h, w) fp32 on the CPU, sigma)."""
+    import torch
+
+    sigma = float(torch.exp(-3.0 + 0.5 * torch.randn(1, generator=generator)))
+    noise = torch.randn(frame.shape, generator=generator).to(device=frame.device, dtype=frame.dtype)
+    with torch.no_grad():
+        z = vae.encode(frame + sigma * noise).sample(generator)                     # (1, C, 1, h, w)
+    z = z / factors.scaling_factor if factors.invert_scale_latents else z * factors.scaling_factor
+    return z[0].permute(1, 0, 2, 3).float().contiguous().cpu(), sigma
+
+
 def encode_dataset_command(parser, a) -> int:
     import torch
     from safetensors.torch import load_file, save_file
@@ -557,14 +704,20 @@ def encode_dataset_command(parser, a) -> int:
             with torch.no_grad():
                 z = vae.encode(video).sample(generator) * factors.scaling_factor    # (1, C, F, h, w)
             latents = z[0].permute(1, 0, 2, 3).float().contiguous().cpu()           # (F, C, h, w)
-            save_file({"latents": latents, "prompt_embeds": text.contiguous().cpu()},
-                      os.path.join(a.out, name + ".safetensors"), metadata={"source": os.path.basename(path)})
-            print(f"{name}: latents {tuple(latents.shape)}, prompt_embeds {tuple(text.shape)}", flush=True)
+            tensors = {"latents": latents, "prompt_embeds": text.contiguous().cpu()}
+            meta = {"source": os.path.basename(path)}
+            if a.i2v:
+                tensors["image_latents"], sigma = image_latents(vae, video[:, :, :1], factors, generator)
+                meta["image_noise_sigma"] = repr(sigma)
+            save_file(tensors, os.path.join(a.out, name + ".safetensors"), metadata=meta)
+            print(f"{name}: " + ", ".join(f"{k} {tuple(v.shape)}" for k, v in tensors.items()), flush=True)
         with open(os.path.join(a.out, "dataset.json"), "w", encoding="utf-8") as f:
             json.dump({"format": "cogvideox-latents", "version": 1, "samples": len(samples),
                        "scaling_factor": factors.scaling_factor,
                        "latents": "(F, C, h, w) fp32, posterior sample x scaling_factor",
-                       "prompt_embeds": "(L, D) fp32, T5 output, no attention mask"}, f, indent=2)
+                       "prompt_embeds": "(L, D) fp32, T5 output, no attention mask",
+                       **({"image_latents": "(1, C, h, w) fp32, noise-augmented first frame, scaled as inference"}
+                          if a.i2v else {})}, f, indent=2)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -133,9 +133,11 @@ def train_step(model, batch: dict, optimizer: torch.optim.Optimizer, table: torc
     """One optimizer step of text-to-video fine-tuning on precomputed latents.
 
     batch: {"latents": (B, F, C, h, w) clean latents already multiplied by the VAE's scaling_factor,
-            "prompt_embeds": (B, L, D) T5 embeddings}, in the model's dtype and device; or, packed
-            (multi-resolution frame packing), {"latents": a list of (F_i, C, h_i, w_i), "prompt_embeds": a list
-            of (L_i, D)}: one packed sequence through the model, the loss the mean of the videos' losses.
+            "prompt_embeds": (B, L, D) T5 embeddings}, in the model's dtype and device; for image-to-video
+            models also "image_latents" (B, F, C, h, w) (`image_condition`) and, for 1.5-I2V, "ofs" (1,). Packed
+            (multi-resolution frame packing): "latents", "prompt_embeds" (and "image_latents") lists of
+            (F_i, C, h_i, w_i) / (L_i, D) per video: one packed sequence through the model, the loss the mean of
+            the videos' losses.
     generator: a CPU generator for the timesteps and the noise (a saved generator state resumes bit-exactly).
     sample_timesteps(B, generator=g) -> (B,) int64: `uniform_timesteps`, or e.g.
         functools.partial(explicit_uniform_timesteps, rank=r, world_size=n) under data parallelism.
@@ -153,8 +155,13 @@ def train_step(model, batch: dict, optimizer: torch.optim.Optimizer, table: torc
     x_t = [scheduler.add_noise(table, v, e, tt) for v, e, tt in zip(videos, noise, ts)]
     amp = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
            else contextlib.nullcontext())
+    cond = batch.get("image_latents")          # I2V: from image_condition, concatenated on channels as inference
+    conds = [None] * len(videos) if cond is None else [c[None] for c in cond] if packed else [cond]
+    inputs = [xt if c is None else torch.cat([xt, c], dim=2) for xt, c in zip(x_t, conds)]   # (B, F, C_in, h, w)
+    extra = {"ofs": batch["ofs"]} if "ofs" in batch else {}
     with amp:
-        pred = [p[None] for p in model([x[0] for x in x_t], list(text), t)] if packed else [model(x_t[0], text, t)]
+        pred = ([p[None] for p in model([x[0] for x in inputs], list(text), t, **extra)] if packed
+                else [model(inputs[0], text, t, **extra)])                             # (B, F, C, h, w) each
     # packed: the mean of the videos' losses (for videos of one shape, the loss of the unpacked batch)
     losses = [cogvideox_loss(table, p, v, xt, tt) if loss == "cogvideox" else v_mse_loss(table, p, v, e, tt)
               for p, v, xt, e, tt in zip(pred, videos, x_t, noise, ts)]
@@ -295,3 +302,39 @@ def bucket_batches(shapes, batch_size: int, generator: torch.Generator | None = 
             if len(batch) == batch_size or not drop_last:
                 batches.append(batch)
     return [batches[j] for j in torch.randperm(len(batches), generator=generator).tolist()]
+
+
+# ---- image-to-video conditioning and LoRA under FSDP -----------------------------------------------------------
+def image_condition(first: torch.Tensor, frames: int, drop: torch.Tensor | None = None) -> torch.Tensor:
+    """The I2V model's second input half, as inference builds it (pipeline.image_latents): the first frame's latent
+    (already scaled like the video latents), then zeros for the other frames. first: (B, 1, C, h, w); drop: (B,)
+    bool, samples whose image is replaced by zeros (diffusers' --noised_image_dropout). -> (B, frames, C, h, w)."""
+    if not isinstance(first, torch.Tensor) or first.dim() != 5 or first.shape[1] != 1:
+        raise ValueError(f"first must be a (B, 1, C, h, w) tensor, got {getattr(first, 'shape', type(first))}")
+    if isinstance(frames, bool) or not isinstance(frames, int) or frames < 1:
+        raise ValueError(f"frames must be a positive int, got {frames!r}")
+    if drop is not None:
+        if drop.shape != (first.shape[0],) or drop.dtype != torch.bool:
+            raise ValueError(f"drop must be a (B={first.shape[0]},) bool tensor, got {drop.dtype} {tuple(drop.shape)}")
+        first = torch.where(drop.to(first.device)[:, None, None, None, None], torch.zeros_like(first), first)
+    pad = first.new_zeros((first.shape[0], frames - 1, *first.shape[2:]))
+    return torch.cat([first, pad], dim=1)
+
+
+def merged_state_from(model, state: dict) -> dict:
+    """`merged_state` computed from a full (unsharded) state dict of the LoRA model, e.g. FSDP2's gathered
+    get_model_state_dict: W + scale B A per adapted Linear, peft's prefixes removed. The model supplies only the
+    adapted layers' names and scales (plain floats, the same on every rank), so it may be sharded."""
+    out = {}
+    for name, module in model.named_modules():
+        if hasattr(module, "base_layer") and hasattr(module, "get_delta_weight"):
+            weight = state[f"{name}.base_layer.weight"]                                      # (out, in)
+            delta = sum((state[f"{name}.lora_B.{a}.weight"] @ state[f"{name}.lora_A.{a}.weight"]) * module.scaling[a]
+                        for a in module.active_adapters)
+            out[f"{name}.weight"] = weight + delta.to(weight.dtype)
+            if f"{name}.base_layer.bias" in state:
+                out[f"{name}.bias"] = state[f"{name}.base_layer.bias"]
+    for k, v in state.items():
+        if ".lora_" not in k and ".base_layer." not in k:
+            out[k] = v
+    return out
