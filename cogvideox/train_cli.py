@@ -70,6 +70,10 @@ def add_parsers(sub) -> None:
                           "(8h x 8w pixels, 4(F-1)+1 frames) fits the step's stage (short side <= the stage's short "
                           "side, long side <= its long side, frames <= F); past the last stage, the last one. "
                           "--batch-size stays the batch. Default: every bucket at every step")
+    opt.add_argument("--pack", action="store_true",
+                     help="multi-resolution frame packing (paper §3): a step's batch mixes latent shapes (no "
+                          "buckets), each rank's --batch-size videos packed into one sequence, attention kept within "
+                          "each video; the loss is the mean of the videos' losses")
     opt.add_argument("--image-dropout", type=float, default=0.05, metavar="P",
                      help="image-to-video models: the probability that a sample's image condition is zeros "
                           "(diffusers' I2V example: --noised_image_dropout 0.05)")
@@ -165,6 +169,12 @@ class LatentDataset:
                              f"(1, C, h, w) like one frame of latents {tuple(sample['latents'].shape)}")
         return sample
 
+    def packed(self, indices) -> dict:
+        """The samples as lists (multi-resolution frame packing): {key: [tensor per sample]}, any shapes."""
+        samples = [self[i] for i in indices]
+        return {key: [s[key] for s in samples]
+                for key in ("latents", "prompt_embeds") + (("image_latents",) if self.image else ())}
+
     def batch(self, indices) -> dict:
         import torch
 
@@ -220,17 +230,23 @@ class BatchOrder:
     saved sampler state. Every step takes one global batch of world x batch same-shape samples (one bucket:
     training.bucket_batches with drop_last) and gives rank r its r-th slice, so all ranks run the same shape. With
     stages, step s trains in stage_at(stages, s) on the buckets that `fits` it, and each stage starts its own stream
-    of epochs; an epoch is one bucket_batches draw from a generator seeded by (seed, stage, epoch)."""
+    of epochs; an epoch is one bucket_batches draw from a generator seeded by (seed, stage, epoch).
+    pack: batches mix shapes (multi-resolution frame packing): an epoch is a shuffle of the eligible samples cut
+    into global batches, whatever their shapes."""
 
-    def __init__(self, shapes, batch: int, world: int, seed: int, stages=None):
+    def __init__(self, shapes, batch: int, world: int, seed: int, stages=None, pack: bool = False):
         import collections
 
-        self.batch, self.world, self.seed, self.stages = batch, world, seed, stages
+        self.batch, self.world, self.seed, self.stages, self.pack = batch, world, seed, stages, pack
         self.shapes = [tuple(s) for s in shapes]
         self.members, self.lengths = [], []           # per stage: eligible sample indices, batches per epoch
         for stage in stages or (None,):
             members = [i for i, s in enumerate(self.shapes) if stage is None or fits(s, stage)]
-            n = sum(c // (batch * world) for c in collections.Counter(self.shapes[i] for i in members).values())
+            n = (len(members) // (batch * world) if pack else
+                 sum(c // (batch * world) for c in collections.Counter(self.shapes[i] for i in members).values()))
+            if n == 0 and pack:
+                raise ValueError(f"--data: {len(members)} samples fit stage {len(self.members)}, fewer than a global "
+                                 f"batch of {world} x {batch}")
             if n == 0:
                 where = "" if stage is None else (f" of stage {len(self.members)} ({stage.height}x{stage.width} "
                                                   f"pixels, {stage.frames} frames: {len(members)} samples fit)")
@@ -254,8 +270,11 @@ class BatchOrder:
         if self._epoch[0] != (stage, epoch):
             members = self.members[stage]
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + stage * 100_003 + epoch)
-            batches = training.bucket_batches([self.shapes[i] for i in members], self.batch * self.world, g,
-                                              drop_last=True)
+            if self.pack:    # one bucket: every shape together
+                batches = training.bucket_batches([()] * len(members), self.batch * self.world, g, drop_last=True)
+            else:
+                batches = training.bucket_batches([self.shapes[i] for i in members], self.batch * self.world, g,
+                                                  drop_last=True)
             self._epoch = ((stage, epoch), [[members[j] for j in b] for b in batches])
         chosen = self._epoch[1][pos]
         return stage, chosen[rank * self.batch:(rank + 1) * self.batch]
@@ -473,11 +492,12 @@ def train_command(parser, a) -> int:
         if saved is not None and saved["world"] != d.world:
             raise ValueError(f"--resume: the checkpoint was written by {saved['world']} processes, this run has "
                              f"{d.world} (the RNG streams are per rank)")
-        order_key = {"stages": a.stages, "batch_size": a.batch_size, "seed": a.seed}
+        order_key = {"stages": a.stages, "batch_size": a.batch_size, "seed": a.seed, "pack": a.pack}
         if saved is not None and saved.get("order", order_key) != order_key:
             raise ValueError(f"--resume: the checkpoint's data order came from {saved['order']}, this run asks for "
                              f"{order_key}: resume with the same --stages, --batch-size and --seed")
-        order = BatchOrder(data.shapes, a.batch_size, d.world, a.seed, parse_stages(a.stages, a.batch_size * d.world))
+        order = BatchOrder(data.shapes, a.batch_size, d.world, a.seed, parse_stages(a.stages, a.batch_size * d.world),
+                           a.pack)
         model = _build_model(a, dtype, d.device).train()
         model.checkpointing = a.checkpointing
         if a.lora_rank:
@@ -539,12 +559,22 @@ def train_command(parser, a) -> int:
             for step in bar:
                 t0 = time.perf_counter()
                 stage, idx = order(step, d.rank)
-                batch = {k: v.to(device=d.device, dtype=dtype) for k, v in data.batch(idx).items()}
+                if a.pack:   # lists of per-video tensors, one packed sequence
+                    batch = {k: [t.to(device=d.device, dtype=dtype) for t in v] for k, v in data.packed(idx).items()}
+                    shape = [list(t.shape) for t in batch["latents"]]
+                else:
+                    batch = {k: v.to(device=d.device, dtype=dtype) for k, v in data.batch(idx).items()}
+                    shape = list(batch["latents"].shape[1:])
                 if i2v:
                     # one draw per sample from the run's generator before the step's timesteps and noise (resumable)
                     drop = torch.rand(len(idx), generator=generator) < a.image_dropout
-                    batch["image_latents"] = training.image_condition(batch["image_latents"],
-                                                                      batch["latents"].shape[1], drop)
+                    if a.pack:
+                        batch["image_latents"] = [
+                            training.image_condition(c[None], x.shape[0], drop[j:j + 1])[0]
+                            for j, (c, x) in enumerate(zip(batch["image_latents"], batch["latents"]))]
+                    else:
+                        batch["image_latents"] = training.image_condition(batch["image_latents"],
+                                                                          batch["latents"].shape[1], drop)
                     if cfg.ofs_embed_dim:     # 1.5-I2V: the pipeline's (and CogVideo's finetune) ofs 2.0
                         batch["ofs"] = torch.full((1,), 2.0, device=d.device, dtype=dtype)
                 res = training.train_step(wrapped, batch, optimizer, table, generator=generator,
@@ -556,7 +586,7 @@ def train_command(parser, a) -> int:
                 loss = d.mean(res.loss)
                 if log is not None:
                     log.write(json.dumps({"step": step + 1, "stage": stage,
-                                          "shape": list(batch["latents"].shape[1:]), "loss": loss,
+                                          "shape": shape, "loss": loss,
                                           "grad_norm": res.grad_norm, "lr": lr,
                                           "timesteps": res.timesteps.tolist(),
                                           "seconds": round(time.perf_counter() - t0, 4)}) + "\n")
