@@ -7,39 +7,58 @@ CausalConv3d):
     h   = silu(h)                                          (if silu)
     out, new_cache = causal_pad3d(h, kernel_t, cache, pad_hw, mode="first")
 fp32 inside, one rounding to x.dtype at the store. Fused: diffusers runs group_norm, two elementwise ops, silu, cat
-and clone (~6 passes over the activation); here it is one read for the statistics and one read + one write.
+and clone (~6 passes over the activation); here it is one read for the statistics and one read + one write, or
+one read + one write where a group fits one program.
 
 Statistics are of d = x - shift, shift = the group's first element, kept as stats = (shift, mean(d)) and applied as
 (x - shift) - mean(d): exact for a constant group (out = bias; a mean rounded to fp32 left 0.70 at 12345.678, and
 torch 2.13's CPU F.group_norm gives -0.83 there, fp32, 1x4x2x3x8, 2 groups), no cancellation far from zero. The
 pure-torch path computes the same way.
 
-Kernel layout (forward, three launches; the sm_90 builds at the VAE's launch arguments are in kernels._static):
-1. _gn_stats_kernel: one program per chunk of one (b, c, t) frame: CHUNK = ITERS x BLOCK elements (BLOCK <= 2048,
-   8 warps: one 16-byte bf16 vector a thread; ITERS <= 8), so one video with 32 groups still fills a GPU: the
-   VAE's (1, 128, 9, 480, 720) chunk runs 128 x 9 x 22 = 25,344 programs, (1, 512, 3, 60, 90) 1,536. Per lane
-   sums of d and d^2 (two FMAs an element), per program (count, mean, M2 = sum d^2 - mean sum d). Contiguous
-   frames are walked flat (no division per element) with sizes and strides divided by VEC (see causal_pad3d).
-2. _gn_combine_kernel: one program per (b, group) merges its Cg x T x n_chunks partials in a fixed order (total
-   count and mean first, then M2 = sum(M2_i + n_i (mean_i - mean)^2)): deterministic, fp32, numerically safe.
-3. Without a spatial pad (how cogvideox.vae calls it) and with contiguous frames, _gn_apply_flat_kernel: the
-   causal_pad3d flat tiling (2048 elements of one output frame a program, 128-bit loads and stores); else
-   _gn_apply_kernel on causal_pad3d's 2-D tiles (8 x 256 output tiles, scalar accesses at padded row pitches).
-   Normalize, affine, modulate, SiLU, (zero the spatial border), store out and, for the last kernel_t - 1 frames,
-   new_cache. Front frames are the cache (copied as is) or the normalized frame 0.
-x is read twice (statistics, normalize): a group (25 MB at 480 x 720) must be complete before any output, and no
-group stays on chip, so that is the minimum (bench/flops.py counts it).
-Backward (deterministic, no atomics): dy is gathered from the output grad (its own padded position, the front
-frames for frame 0 without a cache, new_cache's grad), never scattered.
-1. _gn_bwd_kernel, DX=0 (stats tiling, BLOCK 1024 at 4 warps: 8 elements a thread): recompute h, write
-   dzq_scale = dm * a and dzq_shift = dm, and per program the partial sums of da and da * xhat (a = affine
-   output, m = modulated, da = dL/da).
-2. torch sums over the partials axis (fixed order): dweight, dbias, and the per-group means of dxhat and
-   dxhat * xhat that the GroupNorm backward needs.
-3. _gn_bwd_kernel, DX=1 (stats tiling, recomputing h rather than storing da): dx = rstd (da w - mean(dxhat) -
-   xhat mean(dxhat xhat)). Two passes over dout, x and zq are the minimum: the group means must be complete before
-   any dx, and keeping da between the passes would cost an fp32 write and read of x's size.
-dcache is the causal_pad3d backward restricted to the cache frames.
+What runs when (the sm_90 builds at the launch arguments: kernels._static, `python -m bench kernels --static`):
+A. A (b, group) chunk that fits one program (fused_blocks: Cg, T and H x W rounded up to powers of two multiply
+   to <= FUSED_MAX = 8192 elements), no spatial pad and contiguous frames, as the VAE's small layers and the
+   tests' shapes: one launch each way, one program per chunk with the whole chunk in registers as one (channel,
+   frame, element) block. Forward (_gn_fused_fwd_kernel, B x G programs): x read once, two-pass statistics from
+   the registers (exact: no partials), out and new_cache written once, the cache copied into the front frames.
+   Backward (_gn_fused_bwd_kernel, G programs, each walking b in order so that dweight / dbias need no partials):
+   dout, x and zq read once, dx, dzq and dcache written once. Why 8192: at 8 warps (32 elements a thread) the sm_90
+   builds of the 128-channel layer at 4 x 2 x 32 x 32 take 93 registers forward and 175 backward, no spills; at
+   16,384 the backward spills at 16 warps (the 128-register cap) and needs 255+ at 8, while the forward would
+   still fit (93 at 16 warps). One threshold serves both. Such a chunk is small enough that launch latency, not
+   bandwidth, is its cost (one launch instead of two or three); with B x G = 32 programs most SMs idle, so larger
+   chunks take path B.
+B. Otherwise, forward in two launches:
+   1. _gn_stats_kernel: one program per chunk of one (b, c, t) frame: CHUNK = ITERS x BLOCK elements (BLOCK <=
+      2048, 8 warps: one 16-byte bf16 vector a thread; ITERS <= 8), so one video with 32 groups still fills a GPU:
+      the VAE's (1, 128, 9, 480, 720) chunk runs 128 x 9 x 22 = 25,344 programs, (1, 512, 3, 60, 90) 1,536. Per
+      lane sums of d and d^2 (two FMAs an element), per program (count, mean, M2 = sum d^2 - mean sum d).
+      Contiguous frames are walked flat (no division per element) with sizes and strides divided by VEC.
+   2. Without a spatial pad (how cogvideox.vae calls it) and with contiguous frames, _gn_apply_flat_kernel: one
+      program per up to 8 x 2048 elements of one output frame (128-bit loads and stores); else _gn_apply_kernel on
+      causal_pad3d's 2-D tiles (8 x 256 output tiles, scalar accesses at padded row pitches). Each program first
+      merges its group's Cg x T x n_chunks partials itself (_group_stats: total count and mean, then
+      M2 = sum(M2_i + n_i (mean_i - mean)^2), a fixed order, so every program of a group gets the same bits and
+      the result is deterministic; one program per group stores stats / rstd for the backward). That replaces a
+      combine launch with L2 reads: 792 partials (9.5 KB) a program at 480 x 720, 30,976 programs, 294 MB from L2
+      against the op's 4,335 MB from DRAM (7%, a prediction from the launch arguments, not measured).
+      Normalize, affine, modulate, SiLU, (zero the spatial border), store out and, for the last kernel_t - 1
+      frames, new_cache. Front frames are the cache (copied as is) or the normalized frame 0.
+   x is read twice (statistics, normalize): a group (25 MB at 480 x 720) must be complete before any output, and
+   no group stays on chip, so that is the minimum (bench/flops.py counts it; with fits=True, path A's one read).
+   Backward in two launches (deterministic, no atomics):
+   1. _gn_bwd_kernel, DX=0 (stats tiling, BLOCK 1024 at 4 warps: 8 elements a thread): recompute h, write
+      dzq_scale = dm * a and dzq_shift = dm, and per program the partial sums of da and da * xhat (a = affine
+      output, m = modulated, da = dL/da).
+   2. _gn_bwd_kernel, DX=1 (recomputing h rather than storing da): each program merges its group's partials into
+      c1, c2 = the group means of dxhat and dxhat * xhat (a fixed order; 1,548 partials, 12 KB a program from L2
+      at 480 x 720, 613 MB over 49,536 programs against 9,113 MB from DRAM: 7%, predicted), then
+      dx = rstd (da w - c1 - xhat c2); the program at (b, t, chunk) = 0 of each channel sums the channel's
+      partials over b into dweight and dbias. Two passes over dout, x and zq are the minimum: the group means must
+      be complete before any dx, and keeping da between the passes would cost an fp32 write and read of x's size.
+   dcache is the causal_pad3d backward restricted to the cache frames (one more launch, with a cache only).
+In both backward paths dy is gathered from the output grad (its own padded position, the front frames for frame 0
+without a cache, new_cache's grad), never scattered.
 Offsets: frame base offsets are int64 (2.17e9-element activations); offsets inside one frame are int32.
 """
 from __future__ import annotations
@@ -55,8 +74,8 @@ from ._dispatch import check_grid, check_like, check_params, check_shape, check_
     use_triton
 from ._triton_common import cast_rtne
 from .causal_pad3d import _check as _check_pad
-from .causal_pad3d import _check_frame_span, _frames, _grid, _pad_tile, _store_padded, _tile, \
-    causal_pad3d_bwd, causal_pad3d_bwd_ref, causal_pad3d_ref, flat_frames, vec_width, FLAT_BLOCK
+from .causal_pad3d import FLAT_BLOCK, _check_frame_span, _frames, _grid, _pad_tile, _store_padded, _tile, \
+    causal_pad3d_bwd, causal_pad3d_bwd_ref, causal_pad3d_ref, flat_frames, vec_width
 
 COMBINE_BLOCK = 1024   # partials merged per step by _gn_combine_kernel (one program per (b, group))
 

@@ -142,7 +142,7 @@ def test_group_norm_silu_pad_single_program_at_the_threshold(T):
     read once; dcache gathered in the same program), no spills; one frame more: the two-launch paths."""
     B, C, _, H, W = FITS
     assert gn.fused_blocks(C // 32, 2, 2, H * W) and gn.fused_blocks(C // 32, 3, 2, H * W) is None
-    x, w, cache = _meta(B, C, T, H, W), _meta(C), _meta(B, C, 2, H, W)
+    x, w = _meta(B, C, T, H, W), _meta(C)
     stats, rstd = _meta(B, 32, 2, dtype=torch.float32), _meta(B, 32, dtype=torch.float32)
     fwd = _static.inspect_launcher(gn.group_norm_silu_pad_fwd, x, 32, w, w, 1e-6, 3, None, 0, 0, x, x, True)
     bwd = _static.inspect_launcher(gn.group_norm_silu_pad_bwd, _meta(B, C, T + 2, H, W), _meta(B, C, 2, H, W), x,
