@@ -205,6 +205,31 @@ def test_strided_inputs_and_stride0_grads(triton_kernels):
         assert_parity(ours.grad, ref.grad, atol=1e-5, name=f"d{name}")
 
 
+def test_flat_strided_views(triton_kernels, gn_path):
+    """Contiguous frames inside strided channels and frames (views of a larger tensor, a stride-0 zq_shift, a
+    slice of a longer cache) take the flat kernels, single-program or split: strides, not shapes, address them."""
+    torch.manual_seed(13)
+    B, C, T, H, W = 2, 4, 2, 3, 8
+    x = torch.randn(B, C + 2, T + 1, H, W)[:, 1:5, 1:]
+    zs = torch.randn(B, C, 2 * T, H, W)[:, :, ::2]
+    zb = torch.randn(1, 1, T, H, W).expand(B, C, T, H, W)                        # stride 0 along B and C
+    cache = torch.randn(B, C, 5, H, W)[:, :, 1:3]
+    weight, bias = 1 + 0.3 * torch.randn(C), torch.randn(C)
+    assert _launches(gn.group_norm_silu_pad_fwd, x, 2, weight, bias, 1e-6, 3, cache, 0, 0, zs, zb, True) == \
+        (["_gn_fused_fwd_kernel"] if gn_path == "single" else ["_gn_stats_kernel", "_gn_apply_flat_kernel"])
+    leaves = [t.detach().requires_grad_() for t in (x, weight, bias, cache, zs)]
+    out, nc = group_norm_silu_pad(leaves[0], 2, leaves[1], leaves[2], 1e-6, 3, leaves[3], (0, 0), leaves[4], zb)
+    gout, gnc = torch.randn_like(out), torch.randn_like(nc)
+    ((out * gout).sum() + (nc * gnc).sum()).backward()
+    refs = [t.detach().double().requires_grad_() for t in (x, weight, bias, cache, zs)]
+    ro, rn = group_norm_silu_pad_ref(refs[0], 2, refs[1], refs[2], 1e-6, 3, refs[3], (0, 0), refs[4], zb.double())
+    ((ro * gout.double()).sum() + (rn * gnc.double()).sum()).backward()
+    assert_parity(out, ro, name="out")
+    assert_parity(nc, rn, name="new_cache")
+    for ours, ref, name in zip(leaves, refs, NAMES):
+        assert_parity(ours.grad, ref.grad, atol=1e-5, name=f"d{name}")
+
+
 def test_backward_takes_strided_statistics(triton_kernels):
     """The backward op's stats (B, G, 2) / rstd (B, G) are indexed as contiguous in the kernels: transposed views
     must give what the reference computes from them, not the statistics of another group."""
@@ -312,6 +337,11 @@ def test_opcheck(monkeypatch, use_triton):
                            t["zq_scale"].detach(), t["zq_shift"].detach(), mean, rstd, 2, 3, True, 1, 1, True))
     torch.library.opcheck(gn._group_norm_silu_pad_bwd_op,
                           (dout, None, t["x"].detach(), None, None, None, None, mean, rstd, 2, 3, False, 1, 1, False))
+    # no spatial pad: the single-program backward, which gathers dcache itself
+    torch.library.opcheck(gn._group_norm_silu_pad_bwd_op,
+                          (dout[..., 1:-1, 1:-1].contiguous(), dnc, t["x"].detach(), t["weight"].detach(),
+                           t["bias"].detach(), t["zq_scale"].detach(), t["zq_shift"].detach(), mean, rstd, 2, 3, True,
+                           0, 0, True))
 
 
 def test_compile_no_graph_breaks(triton_kernels):
