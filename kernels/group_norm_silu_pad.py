@@ -17,17 +17,18 @@ pure-torch path computes the same way.
 
 What runs when (the sm_90 builds at the launch arguments: kernels._static, `python -m bench kernels --static`):
 A. A (b, group) chunk that fits one program (fused_blocks: Cg, T and H x W rounded up to powers of two multiply
-   to <= FUSED_MAX = 8192 elements), no spatial pad and contiguous frames, as the VAE's small layers and the
-   tests' shapes: one launch each way, one program per chunk with the whole chunk in registers as one (channel,
-   frame, element) block. Forward (_gn_fused_fwd_kernel, B x G programs): x read once, two-pass statistics from
-   the registers (exact: no partials), out and new_cache written once, the cache copied into the front frames.
-   Backward (_gn_fused_bwd_kernel, G programs, each walking b in order so that dweight / dbias need no partials):
-   dout, x and zq read once, dx, dzq and dcache written once. Why 8192: at 8 warps (32 elements a thread) the sm_90
-   builds of the 128-channel layer at 4 x 2 x 32 x 32 take 93 registers forward and 175 backward, no spills; at
-   16,384 the backward spills at 16 warps (the 128-register cap) and needs 255+ at 8, while the forward would
-   still fit (93 at 16 warps). One threshold serves both. Such a chunk is small enough that launch latency, not
-   bandwidth, is its cost (one launch instead of two or three); with B x G = 32 programs most SMs idle, so larger
-   chunks take path B.
+   to <= FUSED_MAX = 8192 elements), no spatial pad and contiguous frames (the tests' shapes, the VAE at low
+   resolution such as 128 channels x 2 frames x 32 x 32; no VAE layer at 480 x 720 fits): one launch each way,
+   one program per chunk holding the whole chunk in registers as one (channel, frame, element) block. Forward
+   (_gn_fused_fwd_kernel, B x G programs): x read once, two-pass statistics from the registers (exact, no
+   partials), out and new_cache written once, the cache copied into the front frames. Backward
+   (_gn_fused_bwd_kernel, G programs, each walking b in order so that dweight / dbias need no partials): dout, x
+   and zq read once, dx, dzq and dcache written once. Why 8192: at 8 warps (32 elements a thread) the sm_90 builds
+   (kernels._static, triton 3.9, 2026-12-02) at 4 x 2 x 32 x 32 take 93 registers forward and 175 backward, no
+   spills; at 16,384 the backward spills at 16 warps (the 128-register cap) and at 8 (255), while the forward
+   would still fit (93 at 16 warps). One threshold serves both. Such a chunk is expected to cost launch latency
+   rather than bandwidth (one launch instead of two or three; not measured on a GPU); with B x G programs most
+   SMs idle, so larger chunks take path B.
 B. Otherwise, forward in two launches:
    1. _gn_stats_kernel: one program per chunk of one (b, c, t) frame: CHUNK = ITERS x BLOCK elements (BLOCK <=
       2048, 8 warps: one 16-byte bf16 vector a thread; ITERS <= 8), so one video with 32 groups still fills a GPU:
