@@ -178,7 +178,7 @@ def causal_pad3d_bytes(B: int, C: int, T: int, H: int, W: int, kernel_t: int = 3
 
 
 def group_norm_silu_pad_bytes(B: int, C: int, T: int, H: int, W: int, kernel_t: int = 3, pad_hw=(1, 1),
-                              zq: bool = False, itemsize: int = 2) -> dict[str, int]:
+                              zq: bool = False, itemsize: int = 2, fits: bool = False) -> dict[str, int]:
     """x (B,C,T,H,W), weight/bias (C,), with zq also zq_scale/zq_shift (B,C,T,H,W) -> out, cache as causal_pad3d.
 
     What the fastest implementation must move. Forward: x twice (a group's statistics, C/G x T x H x W elements,
@@ -186,15 +186,17 @@ def group_norm_silu_pad_bytes(B: int, C: int, T: int, H: int, W: int, kernel_t: 
     out and the cache once. Backward: the group means of dxhat and dxhat * xhat must be complete before any d_x,
     so d_out (the interior of its T+kt-1 frames), x and zq are read twice (keeping dL/da between the passes
     instead would cost an fp32 write and read of x's size, more than the re-reads); it writes one gradient per
-    input."""
+    input. fits: a (b, group) chunk fits one program's registers (small layers, see kernels.group_norm_silu_pad's
+    fused_blocks): every tensor is then read once, the cache's gradient gathered in the same pass."""
     ph, pw = pad_hw
     x = (B, C, T, H, W)
     params = [(C,), (C,)]
     zqs = [x, x] if zq else []
     out = (B, C, T + kernel_t - 1, H + 2 * ph, W + 2 * pw)
     dout = (B, C, T + kernel_t - 1, H, W)
-    fwd = min_bytes([x, x] + params + zqs, [out, (B, C, kernel_t - 1, H, W)], itemsize)
-    bwd = min_bytes(2 * ([dout, x] + zqs) + params, [x] + params + zqs, itemsize)
+    reads = 1 if fits else 2
+    fwd = min_bytes([x] * reads + params + zqs, [out, (B, C, kernel_t - 1, H, W)], itemsize)
+    bwd = min_bytes(reads * ([dout, x] + zqs) + params, [x] + params + zqs, itemsize)
     return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}
 
 

@@ -7,39 +7,59 @@ CausalConv3d):
     h   = silu(h)                                          (if silu)
     out, new_cache = causal_pad3d(h, kernel_t, cache, pad_hw, mode="first")
 fp32 inside, one rounding to x.dtype at the store. Fused: diffusers runs group_norm, two elementwise ops, silu, cat
-and clone (~6 passes over the activation); here it is one read for the statistics and one read + one write.
+and clone (~6 passes over the activation); here it is one read for the statistics and one read + one write, or
+one read + one write where a group fits one program.
 
 Statistics are of d = x - shift, shift = the group's first element, kept as stats = (shift, mean(d)) and applied as
 (x - shift) - mean(d): exact for a constant group (out = bias; a mean rounded to fp32 left 0.70 at 12345.678, and
 torch 2.13's CPU F.group_norm gives -0.83 there, fp32, 1x4x2x3x8, 2 groups), no cancellation far from zero. The
 pure-torch path computes the same way.
 
-Kernel layout (forward, three launches; the sm_90 builds at the VAE's launch arguments are in kernels._static):
-1. _gn_stats_kernel: one program per chunk of one (b, c, t) frame: CHUNK = ITERS x BLOCK elements (BLOCK <= 2048,
-   8 warps: one 16-byte bf16 vector a thread; ITERS <= 8), so one video with 32 groups still fills a GPU: the
-   VAE's (1, 128, 9, 480, 720) chunk runs 128 x 9 x 22 = 25,344 programs, (1, 512, 3, 60, 90) 1,536. Per lane
-   sums of d and d^2 (two FMAs an element), per program (count, mean, M2 = sum d^2 - mean sum d). Contiguous
-   frames are walked flat (no division per element) with sizes and strides divided by VEC (see causal_pad3d).
-2. _gn_combine_kernel: one program per (b, group) merges its Cg x T x n_chunks partials in a fixed order (total
-   count and mean first, then M2 = sum(M2_i + n_i (mean_i - mean)^2)): deterministic, fp32, numerically safe.
-3. Without a spatial pad (how cogvideox.vae calls it) and with contiguous frames, _gn_apply_flat_kernel: the
-   causal_pad3d flat tiling (2048 elements of one output frame a program, 128-bit loads and stores); else
-   _gn_apply_kernel on causal_pad3d's 2-D tiles (8 x 256 output tiles, scalar accesses at padded row pitches).
-   Normalize, affine, modulate, SiLU, (zero the spatial border), store out and, for the last kernel_t - 1 frames,
-   new_cache. Front frames are the cache (copied as is) or the normalized frame 0.
-x is read twice (statistics, normalize): a group (25 MB at 480 x 720) must be complete before any output, and no
-group stays on chip, so that is the minimum (bench/flops.py counts it).
-Backward (deterministic, no atomics): dy is gathered from the output grad (its own padded position, the front
-frames for frame 0 without a cache, new_cache's grad), never scattered.
-1. _gn_bwd_kernel, DX=0 (stats tiling, BLOCK 1024 at 4 warps: 8 elements a thread): recompute h, write
-   dzq_scale = dm * a and dzq_shift = dm, and per program the partial sums of da and da * xhat (a = affine
-   output, m = modulated, da = dL/da).
-2. torch sums over the partials axis (fixed order): dweight, dbias, and the per-group means of dxhat and
-   dxhat * xhat that the GroupNorm backward needs.
-3. _gn_bwd_kernel, DX=1 (stats tiling, recomputing h rather than storing da): dx = rstd (da w - mean(dxhat) -
-   xhat mean(dxhat xhat)). Two passes over dout, x and zq are the minimum: the group means must be complete before
-   any dx, and keeping da between the passes would cost an fp32 write and read of x's size.
-dcache is the causal_pad3d backward restricted to the cache frames.
+What runs when (the sm_90 builds at the launch arguments: kernels._static, `python -m bench kernels --static`):
+A. A (b, group) chunk that fits one program (fused_blocks: Cg, T and H x W rounded up to powers of two multiply
+   to <= FUSED_MAX = 8192 elements), no spatial pad and contiguous frames (the tests' shapes, the VAE at low
+   resolution such as 128 channels x 2 frames x 32 x 32; no VAE layer at 480 x 720 fits): one launch each way,
+   one program per chunk holding the whole chunk in registers as one (channel, frame, element) block. Forward
+   (_gn_fused_fwd_kernel, B x G programs): x read once, two-pass statistics from the registers (exact, no
+   partials), out and new_cache written once, the cache copied into the front frames. Backward
+   (_gn_fused_bwd_kernel, G programs, each walking b in order so that dweight / dbias need no partials): dout, x
+   and zq read once, dx, dzq and dcache written once. Why 8192: at 8 warps (32 elements a thread) the sm_90 builds
+   (kernels._static, triton 3.9, 2026-12-02) at 4 x 2 x 32 x 32 take 93 registers forward and 175 backward, no
+   spills; at 16,384 the backward spills at 16 warps (the 128-register cap) and at 8 (255), while the forward
+   would still fit (93 at 16 warps). One threshold serves both. Such a chunk is expected to cost launch latency
+   rather than bandwidth (one launch instead of two or three; not measured on a GPU); with B x G programs most
+   SMs idle, so larger chunks take path B.
+B. Otherwise, forward in two launches:
+   1. _gn_stats_kernel: one program per chunk of one (b, c, t) frame: CHUNK = ITERS x BLOCK elements (BLOCK <=
+      2048, 8 warps: one 16-byte bf16 vector a thread; ITERS <= 8), so one video with 32 groups still fills a GPU:
+      the VAE's (1, 128, 9, 480, 720) chunk runs 128 x 9 x 22 = 25,344 programs, (1, 512, 3, 60, 90) 1,536. Per
+      lane sums of d and d^2 (two FMAs an element), per program (count, mean, M2 = sum d^2 - mean sum d).
+      Contiguous frames are walked flat (no division per element) with sizes and strides divided by VEC.
+   2. Without a spatial pad (how cogvideox.vae calls it) and with contiguous frames, _gn_apply_flat_kernel: one
+      program per up to 8 x 2048 elements of one output frame (128-bit loads and stores); else _gn_apply_kernel on
+      causal_pad3d's 2-D tiles (8 x 256 output tiles, scalar accesses at padded row pitches). Each program first
+      merges its group's Cg x T x n_chunks partials itself (_group_stats: total count and mean, then
+      M2 = sum(M2_i + n_i (mean_i - mean)^2), a fixed order, so every program of a group gets the same bits and
+      the result is deterministic; one program per group stores stats / rstd for the backward). That replaces a
+      combine launch with L2 reads: 792 partials (9.5 KB) a program at 480 x 720, 30,976 programs, 294 MB from L2
+      against the op's 4,335 MB from DRAM (7%, a prediction from the launch arguments, not measured).
+      Normalize, affine, modulate, SiLU, (zero the spatial border), store out and, for the last kernel_t - 1
+      frames, new_cache. Front frames are the cache (copied as is) or the normalized frame 0.
+   x is read twice (statistics, normalize): a group (25 MB at 480 x 720) must be complete before any output, and
+   no group stays on chip, so that is the minimum (bench/flops.py counts it; with fits=True, path A's one read).
+   Backward in two launches (deterministic, no atomics):
+   1. _gn_bwd_kernel, DX=0 (stats tiling, BLOCK 1024 at 4 warps: 8 elements a thread): recompute h, write
+      dzq_scale = dm * a and dzq_shift = dm, and per program the partial sums of da and da * xhat (a = affine
+      output, m = modulated, da = dL/da).
+   2. _gn_bwd_kernel, DX=1 (recomputing h rather than storing da): each program merges its group's partials into
+      c1, c2 = the group means of dxhat and dxhat * xhat (a fixed order; 1,548 partials, 12 KB a program from L2
+      at 480 x 720, 613 MB over 49,536 programs against 9,113 MB from DRAM: 7%, predicted), then
+      dx = rstd (da w - c1 - xhat c2); the program at (b, t, chunk) = 0 of each channel sums the channel's
+      partials over b into dweight and dbias. Two passes over dout, x and zq are the minimum: the group means must
+      be complete before any dx, and keeping da between the passes would cost an fp32 write and read of x's size.
+   dcache is the causal_pad3d backward restricted to the cache frames (one more launch, with a cache only).
+In both backward paths dy is gathered from the output grad (its own padded position, the front frames for frame 0
+without a cache, new_cache's grad), never scattered.
 Offsets: frame base offsets are int64 (2.17e9-element activations); offsets inside one frame are int32.
 """
 from __future__ import annotations
@@ -55,8 +75,8 @@ from ._dispatch import check_grid, check_like, check_params, check_shape, check_
     use_triton
 from ._triton_common import cast_rtne
 from .causal_pad3d import _check as _check_pad
-from .causal_pad3d import _check_frame_span, _flat_chunk, _frames, _grid, _pad_tile, _store_padded, _tile, \
-    causal_pad3d_bwd, causal_pad3d_bwd_ref, causal_pad3d_ref, flat_frames, flat_launch, vec_width
+from .causal_pad3d import FLAT_BLOCK, _check_frame_span, _frames, _grid, _pad_tile, _store_padded, _tile, \
+    causal_pad3d_bwd, causal_pad3d_bwd_ref, causal_pad3d_ref, flat_frames, vec_width
 
 COMBINE_BLOCK = 1024   # partials merged per step by _gn_combine_kernel (one program per (b, group))
 
@@ -172,9 +192,12 @@ def _gn_stats_kernel(x_ptr, part_ptr, C, Cg, T, W, HWV, n_chunks, sxb, sxc, sxt,
 
 
 @triton.jit
-def _gn_combine_kernel(part_ptr, x_ptr, stats_ptr, rstd_ptr, P, G, Cg, sxb, sxc, eps, BLOCK_P: tl.constexpr):
-    pid = tl.program_id(0).to(tl.int64)                    # b * G + g; its P partials are contiguous
-    parts = part_ptr + pid * P * 3
+def _group_stats(part_ptr, x_ptr, stats_ptr, rstd_ptr, grp, P, shift_off, eps, first, BLOCK_P: tl.constexpr):
+    """-> (shift, mean of d, rstd) of group grp = b * G + g, merged from its P contiguous partials (count, mean, M2)
+    by Chan's formula in a fixed order (total count and mean first, then M2 = sum(M2_i + n_i (mean_i - mean)^2)):
+    every program of the group computes the same bits. shift_off: the group's first element in x. The program
+    with first set stores them for the backward."""
+    parts = part_ptr + grp * P * 3
     acc_n = tl.zeros([BLOCK_P], dtype=tl.float32)
     acc_s = tl.zeros([BLOCK_P], dtype=tl.float32)
     for start in range(0, P, BLOCK_P):
@@ -185,24 +208,26 @@ def _gn_combine_kernel(part_ptr, x_ptr, stats_ptr, rstd_ptr, P, G, Cg, sxb, sxc,
     n = tl.sum(acc_n)
     mean = tl.sum(acc_s) / n
     acc = tl.zeros([BLOCK_P], dtype=tl.float32)
-    for start in range(0, P, BLOCK_P):
+    for start in range(0, P, BLOCK_P):                     # the second read of the partials hits L1
         i = start + tl.arange(0, BLOCK_P)
         cnt = tl.load(parts + i * 3, mask=i < P, other=0.0)
         d = tl.load(parts + i * 3 + 1, mask=i < P, other=0.0) - mean
         acc += tl.load(parts + i * 3 + 2, mask=i < P, other=0.0) + cnt * d * d
-    var = tl.sum(acc) / n
+    rstd = 1.0 / tl.sqrt((tl.sum(acc) / n + eps).to(tl.float32))   # eps may arrive as fp64
     # stats = (shift, mean - shift): the kernels normalize (x - shift) - mean_d, which never rounds the mean to
     # x's magnitude (for x ~ 12345 that rounding alone would cost 0.5 ulp = 5e-4 before the rstd multiply)
-    shift = tl.load(x_ptr + (pid // G) * sxb + (pid % G) * Cg * sxc).to(tl.float32)
-    tl.store(stats_ptr + pid * 2, shift)
-    tl.store(stats_ptr + pid * 2 + 1, mean)
-    tl.store(rstd_ptr + pid, 1.0 / tl.sqrt((var + eps).to(tl.float32)))   # eps may arrive as fp64
+    shift = tl.load(x_ptr + shift_off).to(tl.float32)
+    if first:
+        tl.store(stats_ptr + grp * 2, shift)
+        tl.store(stats_ptr + grp * 2 + 1, mean)
+        tl.store(rstd_ptr + grp, rstd)
+    return shift, mean, rstd
 
 
 @triton.jit
-def _normalize(v, stats_ptr, rstd_ptr, grp):
-    """xhat of x values v (fp32) of group grp."""
-    return ((v - tl.load(stats_ptr + grp * 2)) - tl.load(stats_ptr + grp * 2 + 1)) * tl.load(rstd_ptr + grp)
+def _normalize(v, shift, mean, rstd):
+    """xhat of x values v (fp32) of a group with statistics (shift, mean of x - shift, rstd)."""
+    return ((v - shift) - mean) * rstd
 
 
 @triton.jit
@@ -221,14 +246,18 @@ def _gn_activation(y, w_ptr, b_ptr, zs, zb, c, HAS_W: tl.constexpr, HAS_B: tl.co
 
 
 @triton.jit
-def _gn_apply_kernel(x_ptr, cache_ptr, zs_ptr, zb_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, out_ptr, nc_ptr,
-                     C, G, T, H, W, KT, PH, PW, Tp, Ho, Wo, n_hb,
+def _gn_apply_kernel(x_ptr, cache_ptr, zs_ptr, zb_ptr, w_ptr, b_ptr, part_ptr, stats_ptr, rstd_ptr, out_ptr, nc_ptr,
+                     C, G, T, H, W, KT, PH, PW, Tp, Ho, Wo, n_hb, P, eps,
                      sxb, sxc, sxt, sxh, scb, scc, sct, sch, ssb, ssc, sst, ssh, szb, szc, szt, szh,
                      HAS_CACHE: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_ZQ: tl.constexpr,
-                     SILU: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
+                     SILU: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_P: tl.constexpr):
     plane, tp, bc, h_out, w_out, in_out, h_in, w_in = _pad_tile(n_hb, Tp, Ho, Wo, PH, PW, BLOCK_H, BLOCK_W)
     b = bc // C
     c = bc % C
+    Cg = C // G
+    first = (c % Cg == 0) & (tp == 0) & (tl.program_id(0) % n_hb == 0) & (tl.program_id(1) == 0)
+    shift, mean, rstd = _group_stats(part_ptr, x_ptr, stats_ptr, rstd_ptr, b * G + c // Cg, P,
+                                     b * sxb + (c // Cg) * Cg * sxc, eps, first, BLOCK_P)
     valid = in_out & (h_in >= 0) & (h_in < H) & (w_in >= 0) & (w_in < W)
     # scalar conditions enter masks through tl.where: the interpreter mistypes `block & scalar_bool` as an int mask
     front = tp < KT
@@ -244,7 +273,7 @@ def _gn_apply_kernel(x_ptr, cache_ptr, zs_ptr, zb_ptr, w_ptr, b_ptr, mean_ptr, r
     if HAS_ZQ:
         zs = tl.load(zs_ptr + b * ssb + c * ssc + t_src * sst + h_in * ssh + w_in, mask=x_mask, other=0.0)
         zb = tl.load(zb_ptr + b * szb + c * szc + t_src * szt + h_in * szh + w_in, mask=x_mask, other=0.0)
-    y = _normalize(v.to(tl.float32), mean_ptr, rstd_ptr, b * G + c // (C // G))
+    y = _normalize(v.to(tl.float32), shift, mean, rstd)
     y = _gn_activation(y, w_ptr, b_ptr, zs, zb, c, HAS_W, HAS_B, HAS_ZQ, SILU)
     val = cast_rtne(tl.where(valid, y, 0.0), out_ptr.dtype.element_ty)          # the spatial border is zeros
     if HAS_CACHE:
@@ -255,39 +284,107 @@ def _gn_apply_kernel(x_ptr, cache_ptr, zs_ptr, zb_ptr, w_ptr, b_ptr, mean_ptr, r
 
 
 @triton.jit
-def _gn_apply_flat_kernel(x_ptr, cache_ptr, zs_ptr, zb_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, out_ptr, nc_ptr,
-                          C, G, KT, Tp, n_chunks, HWV, sxb, sxc, sxt, scb, scc, sct, ssb, ssc, sst, szb, szc, szt,
+def _gn_apply_flat_kernel(x_ptr, cache_ptr, zs_ptr, zb_ptr, w_ptr, b_ptr, part_ptr, stats_ptr, rstd_ptr, out_ptr,
+                          nc_ptr, C, G, KT, Tp, n_chunks, HWV, P, eps,
+                          sxb, sxc, sxt, scb, scc, sct, ssb, ssc, sst, szb, szc, szt,
                           HAS_CACHE: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_ZQ: tl.constexpr,
-                          SILU: tl.constexpr, VEC: tl.constexpr, BLOCK: tl.constexpr):
-    """No spatial padding and contiguous frames: one program per BLOCK elements of one output frame, every access
-    a VEC-wide vector (strides arrive divided by VEC, see causal_pad3d's _flat_chunk)."""
-    plane, idx, mask, HW = _flat_chunk(n_chunks, HWV, VEC, BLOCK)   # plane = bc * Tp + tp
+                          SILU: tl.constexpr, VEC: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr,
+                          BLOCK_P: tl.constexpr):
+    """No spatial padding and contiguous frames: one program per ITERS x BLOCK elements of one output frame (the
+    group's partials are merged once per program), every access a VEC-wide vector (sizes and strides arrive
+    divided by VEC, see causal_pad3d's _flat_chunk)."""
+    pid = tl.program_id(0).to(tl.int64)
+    plane = pid // n_chunks                                # bc * Tp + tp
+    chunk = pid % n_chunks
+    HW = HWV * VEC
     tp = plane % Tp
     bc = plane // Tp
     b = bc // C
     c = bc % C
+    Cg = C // G
+    first = (c % Cg == 0) & (tp == 0) & (chunk == 0)      # one program per group stores its statistics
+    shift, mean, rstd = _group_stats(part_ptr, x_ptr, stats_ptr, rstd_ptr, b * G + c // Cg, P,
+                                     (b * sxb + (c // Cg) * Cg * sxc) * VEC, eps, first, BLOCK_P)
     front = tp < KT
     if HAS_CACHE:
         from_x = tp >= KT
     else:
         from_x = tp >= 0                                   # front frames are the normalized frame 0
     t_src = tl.maximum(tp - KT, 0)
-    x_mask = tl.where(from_x, mask, False)
-    v = tl.load(x_ptr + (b * sxb + c * sxc + t_src * sxt) * VEC + idx, mask=x_mask, other=0.0)
+    nc_frame = tp - (Tp - KT)
+    for i in range(ITERS):
+        idx = (chunk * ITERS * BLOCK + i * BLOCK).to(tl.int32) + tl.arange(0, BLOCK)
+        mask = idx < HW
+        x_mask = tl.where(from_x, mask, False)
+        v = tl.load(x_ptr + (b * sxb + c * sxc + t_src * sxt) * VEC + idx, mask=x_mask, other=0.0)
+        zs = 0.0
+        zb = 0.0
+        if HAS_ZQ:
+            zs = tl.load(zs_ptr + (b * ssb + c * ssc + t_src * sst) * VEC + idx, mask=x_mask, other=0.0)
+            zb = tl.load(zb_ptr + (b * szb + c * szc + t_src * szt) * VEC + idx, mask=x_mask, other=0.0)
+        y = _normalize(v.to(tl.float32), shift, mean, rstd)
+        val = cast_rtne(_gn_activation(y, w_ptr, b_ptr, zs, zb, c, HAS_W, HAS_B, HAS_ZQ, SILU),
+                        out_ptr.dtype.element_ty)
+        if HAS_CACHE:
+            c_ptrs = cache_ptr + (b * scb + c * scc + tl.minimum(tp, KT - 1) * sct) * VEC + idx
+            val = tl.where(front, tl.load(c_ptrs, mask=tl.where(front, mask, False), other=0.0), val)
+        tl.store(out_ptr + plane * HW + idx, val, mask=mask)
+        tl.store(nc_ptr + (bc * KT + nc_frame) * HW + idx, val, mask=tl.where(nc_frame >= 0, mask, False))
+
+
+@triton.jit
+def _gn_fused_fwd_kernel(x_ptr, cache_ptr, zs_ptr, zb_ptr, w_ptr, b_ptr, stats_ptr, rstd_ptr, out_ptr, nc_ptr,
+                         C, G, T, KT, Tp, HWV, eps, sxb, sxc, sxt, scb, scc, sct, ssb, ssc, sst, szb, szc, szt,
+                         HAS_CACHE: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_ZQ: tl.constexpr,
+                         SILU: tl.constexpr, VEC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr,
+                         BLOCK_KT: tl.constexpr, BLOCK_HW: tl.constexpr):
+    """A (b, group) chunk that fits one program (no spatial padding, contiguous frames): the whole group is one
+    (BLOCK_C, BLOCK_T, BLOCK_HW) block of (channel, frame, element) held in registers, so x is read once, the
+    statistics are two-pass in registers (no partials), and out / new_cache are written once."""
+    pid = tl.program_id(0).to(tl.int64)                    # b * G + g
+    b = pid // G
+    g = pid % G
+    Cg = C // G
+    HW = HWV * VEC
+    cl = tl.arange(0, BLOCK_C)[:, None, None]
+    hw = tl.arange(0, BLOCK_HW)[None, None, :]
+    c = g * Cg + cl                                        # (BLOCK_C, 1, 1) channels, int64
+    bc = b * C + c
+    in_c = (cl < Cg) & (hw < HW)
+    if HAS_CACHE:                                          # front frames: the cache, copied as is
+        j = tl.arange(0, BLOCK_KT)[None, :, None]
+        cmask = in_c & (j < KT)
+        val = tl.load(cache_ptr + (b * scb + c * scc + j * sct) * VEC + hw, mask=cmask, other=0.0)
+        tl.store(out_ptr + (bc * Tp + j) * HW + hw, val, mask=cmask)
+        tl.store(nc_ptr + (bc * KT + j - T) * HW + hw, val, mask=cmask & (j >= T))
+    t = tl.arange(0, BLOCK_T)[None, :, None]
+    mask = in_c & (t < T)
+    v = tl.load(x_ptr + (b * sxb + c * sxc + t * sxt) * VEC + hw, mask=mask, other=0.0).to(tl.float32)
     zs = 0.0
     zb = 0.0
     if HAS_ZQ:
-        zs = tl.load(zs_ptr + (b * ssb + c * ssc + t_src * sst) * VEC + idx, mask=x_mask, other=0.0)
-        zb = tl.load(zb_ptr + (b * szb + c * szc + t_src * szt) * VEC + idx, mask=x_mask, other=0.0)
-    y = _normalize(v.to(tl.float32), mean_ptr, rstd_ptr, b * G + c // (C // G))
-    val = cast_rtne(_gn_activation(y, w_ptr, b_ptr, zs, zb, c, HAS_W, HAS_B, HAS_ZQ, SILU),
-                    out_ptr.dtype.element_ty)
-    if HAS_CACHE:
-        c_ptrs = cache_ptr + (b * scb + c * scc + tl.minimum(tp, KT - 1) * sct) * VEC + idx
-        val = tl.where(front, tl.load(c_ptrs, mask=tl.where(front, mask, False), other=0.0), val)
-    tl.store(out_ptr + plane * HW + idx, val, mask=mask)
-    nc_frame = tp - (Tp - KT)
-    tl.store(nc_ptr + (bc * KT + nc_frame) * HW + idx, val, mask=tl.where(nc_frame >= 0, mask, False))
+        zs = tl.load(zs_ptr + (b * ssb + c * ssc + t * sst) * VEC + hw, mask=mask, other=0.0)
+        zb = tl.load(zb_ptr + (b * szb + c * szc + t * szt) * VEC + hw, mask=mask, other=0.0)
+    shift = tl.load(x_ptr + (b * sxb + g * Cg * sxc) * VEC).to(tl.float32)
+    n = (Cg * T * HW).to(tl.float32)
+    d = tl.where(mask, v - shift, 0.0)
+    mean = tl.sum(d) / n
+    dc = tl.where(mask, d - mean, 0.0)
+    rstd = 1.0 / tl.sqrt((tl.sum(dc * dc) / n + eps).to(tl.float32))
+    tl.store(stats_ptr + pid * 2, shift)
+    tl.store(stats_ptr + pid * 2 + 1, mean)
+    tl.store(rstd_ptr + pid, rstd)
+    y = _gn_activation(dc * rstd, w_ptr, b_ptr, zs, zb, tl.minimum(c, C - 1), HAS_W, HAS_B, HAS_ZQ, SILU)
+    val = cast_rtne(y, out_ptr.dtype.element_ty)
+    tl.store(out_ptr + (bc * Tp + t + KT) * HW + hw, val, mask=mask)
+    tl.store(nc_ptr + (bc * KT + t + KT - T) * HW + hw, val, mask=mask & (t + KT - T >= 0))
+    if not HAS_CACHE:                                      # front frames: the normalized frame 0
+        first = mask & (t == 0)
+        shape: tl.constexpr = (BLOCK_C, BLOCK_T, BLOCK_HW)   # frame 0's values, stored from the whole block
+        for j in range(0, KT):
+            tl.store(tl.broadcast_to(out_ptr + (bc * Tp + j) * HW + hw, shape), val, mask=first)
+            tl.store(tl.broadcast_to(nc_ptr + (bc * KT + j - T) * HW + hw, shape), val,
+                     mask=tl.where(j >= T, first, False))
 
 
 @triton.jit
@@ -312,24 +409,62 @@ def _gather_dy(dout_ptr, dnc_ptr, bc, t, pos, ipos, mask, T, HW, KT, Tp, HWo,
 
 @triton.jit
 def _gn_bwd_kernel(dout_ptr, dnc_ptr, x_ptr, zs_ptr, zb_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr,
-                   dzs_ptr, dzb_ptr, part_ptr, c1_ptr, c2_ptr, dx_ptr,
-                   C, G, T, W, HWV, KT, PH, PW, Tp, Wo, HWoV, n_chunks,
+                   dzs_ptr, dzb_ptr, part_ptr, dw_ptr, db_ptr, dx_ptr,
+                   B, C, G, T, W, HWV, KT, PH, PW, Tp, Wo, HWoV, n_chunks,
                    sxb, sxc, sxt, sxh, ssb, ssc, sst, ssh, szb, szc, szt, szh,
                    DX: tl.constexpr, HAS_CACHE: tl.constexpr, HAS_DNC: tl.constexpr, HAS_W: tl.constexpr,
                    HAS_B: tl.constexpr, HAS_ZQ: tl.constexpr, SILU: tl.constexpr, FLAT: tl.constexpr,
-                   VEC: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr):
-    """DX = 0: store dzq_scale, dzq_shift and this program's partial sums of da and da * xhat.
-    DX = 1: store dx, given c1, c2 = the group means of dxhat and dxhat * xhat.
+                   VEC: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr, BLOCK_C: tl.constexpr,
+                   BLOCK_P: tl.constexpr):
+    """DX = 0: store dzq_scale, dzq_shift and this program's partial sums of da and da * xhat into part
+    (B, C, T x n_chunks, 2).
+    DX = 1: merge the group's partials into c1, c2 = the group means of dxhat and dxhat * xhat, store dx; the
+    program at (b, t, chunk) = 0 of each channel also stores dweight and dbias.
     FLAT (no spatial padding, contiguous frames): every offset is the element index, sizes and strides arrive
     divided by VEC; else rows and columns are recovered per element."""
     pid, chunk, bct, b, c, t = _frame_chunk(n_chunks, C, T)
     bc = bct // T
     HW = HWV * VEC
     HWo = HWoV * VEC
-    grp = b * G + c // (C // G)
-    rstd = tl.load(rstd_ptr + grp)
+    Cg = C // G
+    grp = b * G + c // Cg
+    shift, mean_d, rstd = tl.load(mean_ptr + grp * 2), tl.load(mean_ptr + grp * 2 + 1), tl.load(rstd_ptr + grp)
     w_c = tl.load(w_ptr + c).to(tl.float32) if HAS_W else 1.0
     b_c = tl.load(b_ptr + c).to(tl.float32) if HAS_B else 0.0
+    c1 = 0.0
+    c2 = 0.0
+    if DX:
+        # every program of the group merges the same Cg x T x n_chunks partials in the same order (deterministic,
+        # the same bits everywhere): 12 KB a program from L2 at the VAE's 480 x 720 chunk, against 64 KB of x, dout
+        # and zq it streams
+        TN = T * n_chunks
+        c0 = (c // Cg) * Cg
+        cl = tl.arange(0, BLOCK_C)[:, None]
+        acc1 = tl.zeros([BLOCK_C, BLOCK_P], dtype=tl.float32)
+        acc2 = tl.zeros([BLOCK_C, BLOCK_P], dtype=tl.float32)
+        rows = part_ptr + (b * C + c0 + cl) * TN * 2                         # (BLOCK_C, 1)
+        for start in range(0, TN, BLOCK_P):
+            k = start + tl.arange(0, BLOCK_P)[None, :]
+            m = (cl < Cg) & (k < TN)
+            acc1 += tl.load(rows + k * 2, mask=m, other=0.0)
+            acc2 += tl.load(rows + k * 2 + 1, mask=m, other=0.0)
+        w_g = tl.load(w_ptr + tl.minimum(c0 + cl, C - 1)).to(tl.float32) if HAS_W else 1.0   # (BLOCK_C, 1)
+        n = (Cg * T * HW).to(tl.float32)
+        c1 = tl.sum(acc1 * w_g) / n
+        c2 = tl.sum(acc2 * w_g) / n
+        if (b == 0) & (t == 0) & (chunk == 0):             # one program per channel: the sums over b, t, chunks
+            s_da = tl.zeros([BLOCK_P], dtype=tl.float32)
+            s_dax = tl.zeros([BLOCK_P], dtype=tl.float32)
+            for bb in range(0, B):
+                row = part_ptr + (bb * C + c) * TN * 2
+                for start in range(0, TN, BLOCK_P):
+                    k = start + tl.arange(0, BLOCK_P)
+                    s_da += tl.load(row + k * 2, mask=k < TN, other=0.0)
+                    s_dax += tl.load(row + k * 2 + 1, mask=k < TN, other=0.0)
+            if HAS_W:
+                tl.store(dw_ptr + c, cast_rtne(tl.sum(s_dax), dw_ptr.dtype.element_ty))
+            if HAS_B:
+                tl.store(db_ptr + c, cast_rtne(tl.sum(s_da), db_ptr.dtype.element_ty))
     acc_da = tl.zeros([BLOCK], dtype=tl.float32)
     acc_dax = tl.zeros([BLOCK], dtype=tl.float32)
     for i in range(ITERS):
@@ -342,7 +477,7 @@ def _gn_bwd_kernel(dout_ptr, dnc_ptr, x_ptr, zs_ptr, zb_ptr, w_ptr, b_ptr, mean_
         dm = _gather_dy(dout_ptr, dnc_ptr, bc, t, pos, idx, mask, T, HW, KT, Tp, HWo, HAS_CACHE, HAS_DNC)
         v = tl.load(x_ptr + (b * sxb + c * sxc + t * sxt) * VEC + _frame_offsets(idx, W, sxh * VEC, FLAT),
                     mask=mask, other=0.0).to(tl.float32)
-        xhat = _normalize(v, mean_ptr, rstd_ptr, grp)
+        xhat = _normalize(v, shift, mean_d, rstd)
         a = xhat * w_c + b_c                               # affine output
         if HAS_ZQ:
             zs = tl.load(zs_ptr + (b * ssb + c * ssc + t * sst) * VEC + _frame_offsets(idx, W, ssh * VEC, FLAT),
@@ -356,7 +491,7 @@ def _gn_bwd_kernel(dout_ptr, dnc_ptr, x_ptr, zs_ptr, zb_ptr, w_ptr, b_ptr, mean_
             dm = dm * s * (1.0 + m * (1.0 - s))
         da = dm * zs if HAS_ZQ else dm
         if DX:
-            dx = rstd * (da * w_c - tl.load(c1_ptr + grp) - xhat * tl.load(c2_ptr + grp))
+            dx = rstd * (da * w_c - c1 - xhat * c2)
             tl.store(dx_ptr + bct * HW + idx, cast_rtne(dx, dx_ptr.dtype.element_ty), mask=mask)
         else:
             if HAS_ZQ:
@@ -369,8 +504,93 @@ def _gn_bwd_kernel(dout_ptr, dnc_ptr, x_ptr, zs_ptr, zb_ptr, w_ptr, b_ptr, mean_
         tl.store(part_ptr + pid * 2 + 1, tl.sum(acc_dax))
 
 
+@triton.jit
+def _gn_fused_bwd_kernel(dout_ptr, dnc_ptr, x_ptr, zs_ptr, zb_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr,
+                         dzs_ptr, dzb_ptr, dw_ptr, db_ptr, dx_ptr, dc_ptr, B, C, G, T, KT, Tp, HWV,
+                         sxb, sxc, sxt, ssb, ssc, sst, szb, szc, szt,
+                         HAS_CACHE: tl.constexpr, HAS_DNC: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+                         HAS_ZQ: tl.constexpr, SILU: tl.constexpr, VEC: tl.constexpr, BLOCK_C: tl.constexpr,
+                         BLOCK_T: tl.constexpr, BLOCK_KT: tl.constexpr, BLOCK_HW: tl.constexpr):
+    """One program per group g, its (b, g) chunks one after another (no spatial padding, contiguous frames): each
+    chunk is one (BLOCK_C, BLOCK_T, BLOCK_HW) block in registers, so dout, x and zq are read once, the group means
+    of dxhat and dxhat * xhat come from registers, and dweight / dbias are summed over b in this program (fixed
+    order, no partials). dcache (with a cache) is gathered here too."""
+    g = tl.program_id(0).to(tl.int64)
+    Cg = C // G
+    HW = HWV * VEC
+    cl = tl.arange(0, BLOCK_C)[:, None, None]
+    t = tl.arange(0, BLOCK_T)[None, :, None]
+    hw = tl.arange(0, BLOCK_HW)[None, None, :]
+    c = g * Cg + cl                                        # (BLOCK_C, 1, 1) channels, int64
+    mask = (cl < Cg) & (t < T) & (hw < HW)
+    w_c = tl.load(w_ptr + tl.minimum(c, C - 1)).to(tl.float32) if HAS_W else 1.0
+    b_c = tl.load(b_ptr + tl.minimum(c, C - 1)).to(tl.float32) if HAS_B else 0.0
+    acc_da = tl.zeros([BLOCK_C], dtype=tl.float32)
+    acc_dax = tl.zeros([BLOCK_C], dtype=tl.float32)
+    n = (Cg * T * HW).to(tl.float32)
+    for b in range(0, B):
+        bc = b * C + c
+        grp = b * G + g
+        shift, mean_d, rstd = tl.load(mean_ptr + grp * 2), tl.load(mean_ptr + grp * 2 + 1), tl.load(rstd_ptr + grp)
+        dy = tl.load(dout_ptr + (bc * Tp + t + KT) * HW + hw, mask=mask, other=0.0).to(tl.float32)
+        if HAS_DNC:                                        # frames among new_cache's
+            dy += tl.load(dnc_ptr + (bc * KT + t + KT - T) * HW + hw, mask=mask & (t + KT - T >= 0),
+                          other=0.0).to(tl.float32)
+        if not HAS_CACHE:                                  # frame 0 was also copied into the KT front frames
+            first = mask & (t == 0)
+            shape: tl.constexpr = (BLOCK_C, BLOCK_T, BLOCK_HW)   # loaded into frame 0's rows of the block
+            for j in range(0, KT):
+                dy += tl.load(tl.broadcast_to(dout_ptr + (bc * Tp + j) * HW + hw, shape), mask=first,
+                              other=0.0).to(tl.float32)
+                if HAS_DNC:
+                    dy += tl.load(tl.broadcast_to(dnc_ptr + (bc * KT + j - T) * HW + hw, shape),
+                                  mask=tl.where(j >= T, first, False), other=0.0).to(tl.float32)
+        v = tl.load(x_ptr + (b * sxb + c * sxc + t * sxt) * VEC + hw, mask=mask, other=0.0).to(tl.float32)
+        xhat = _normalize(v, shift, mean_d, rstd)
+        a = xhat * w_c + b_c
+        if HAS_ZQ:
+            zs = tl.load(zs_ptr + (b * ssb + c * ssc + t * sst) * VEC + hw, mask=mask, other=0.0).to(tl.float32)
+            m = a * zs + tl.load(zb_ptr + (b * szb + c * szc + t * szt) * VEC + hw, mask=mask,
+                                 other=0.0).to(tl.float32)
+        else:
+            m = a
+        if SILU:
+            s = 1.0 / (1.0 + tl.exp(-m))
+            dm = dy * s * (1.0 + m * (1.0 - s))
+        else:
+            dm = dy
+        out_off = (bc * T + t) * HW + hw                   # dx, dzq: contiguous (B, C, T, H, W)
+        if HAS_ZQ:
+            tl.store(dzs_ptr + out_off, cast_rtne(dm * a, dzs_ptr.dtype.element_ty), mask=mask)
+            tl.store(dzb_ptr + out_off, cast_rtne(dm, dzb_ptr.dtype.element_ty), mask=mask)
+            da = tl.where(mask, dm * zs, 0.0)
+        else:
+            da = tl.where(mask, dm, 0.0)
+        dxhat = da * w_c
+        c1 = tl.sum(dxhat) / n
+        c2 = tl.sum(dxhat * xhat) / n
+        tl.store(dx_ptr + out_off, cast_rtne(rstd * (dxhat - c1 - xhat * c2), dx_ptr.dtype.element_ty), mask=mask)
+        acc_da += tl.sum(tl.sum(da, 2), 1)
+        acc_dax += tl.sum(tl.sum(da * xhat, 2), 1)
+        if HAS_CACHE:                                      # dcache: out's front frames and new_cache's share
+            j = tl.arange(0, BLOCK_KT)[None, :, None]
+            cmask = (cl < Cg) & (j < KT) & (hw < HW)
+            dcv = tl.load(dout_ptr + (bc * Tp + j) * HW + hw, mask=cmask, other=0.0).to(tl.float32)
+            if HAS_DNC:
+                dcv += tl.load(dnc_ptr + (bc * KT + j - T) * HW + hw, mask=cmask & (j >= T), other=0.0).to(tl.float32)
+            tl.store(dc_ptr + (bc * KT + j) * HW + hw, cast_rtne(dcv, dc_ptr.dtype.element_ty), mask=cmask)
+    ch = g * Cg + tl.arange(0, BLOCK_C)
+    if HAS_W:
+        tl.store(dw_ptr + ch, cast_rtne(acc_dax, dw_ptr.dtype.element_ty), mask=ch < (g + 1) * Cg)
+    if HAS_B:
+        tl.store(db_ptr + ch, cast_rtne(acc_da, db_ptr.dtype.element_ty), mask=ch < (g + 1) * Cg)
+
+
 STATS_BLOCK, STATS_WARPS = 2048, 8   # 8 elements (one 16-byte bf16 vector) a thread; 39 registers on sm_90
 BWD_BLOCK, BWD_WARPS = 1024, 4       # 8 a thread too; four inputs and the fp32 terms in flight stay spill-free
+# the single-program path: a (b, group) chunk of at most FUSED_MAX elements (after rounding channels, frames and
+# the frame size up to powers of two) in one program of up to FUSED_WARPS warps, FUSED_PER_WARP elements a warp
+FUSED_MAX, FUSED_WARPS, FUSED_PER_WARP = 8192, 8, 1024
 
 
 def _chunking(hw: int, block_max: int = STATS_BLOCK, warps: int = STATS_WARPS):
@@ -387,6 +607,16 @@ def _strides4(t):
 
 def _div(strides, vec):
     return tuple(s // vec for s in strides)
+
+
+def fused_blocks(Cg: int, T: int, kt: int, hw: int):
+    """(BLOCK_C, BLOCK_T, BLOCK_KT, BLOCK_HW, num_warps) of the single-program kernels for a (b, group) chunk of Cg
+    channels x T frames x hw elements (kt cache frames), or None where the padded block exceeds FUSED_MAX."""
+    blocks = [triton.next_power_of_2(max(n, 1)) for n in (Cg, T, kt, hw)]
+    size = blocks[0] * max(blocks[1], blocks[2]) * blocks[3]
+    if size > FUSED_MAX:
+        return None
+    return (*blocks, max(1, min(FUSED_WARPS, size // FUSED_PER_WARP)))
 
 
 def group_norm_silu_pad_fwd(x, num_groups, weight, bias, eps, kernel_t, cache, pad_h, pad_w, zq_scale, zq_shift,
@@ -406,30 +636,42 @@ def group_norm_silu_pad_fwd(x, num_groups, weight, bias, eps, kernel_t, cache, p
     c, zs, zb = (cache if cache is not None else x), (zq_scale if zq_scale is not None else x), \
         (zq_shift if zq_shift is not None else x)
     item = x.element_size()
+    flags = dict(HAS_CACHE=int(cache is not None), HAS_W=int(weight is not None), HAS_B=int(bias is not None),
+                 HAS_ZQ=int(zq_scale is not None), SILU=int(silu))
+    wb = (x if weight is None else weight, x if bias is None else bias)
+    flat = pad_h == pad_w == 0 and flat_frames(x, c, zs, zb)
+    if flat:
+        vec = vec_width(item, H * W, *(s for t in (x, c, zs, zb) for s in _strides4(t)[:3]))
+        strides = tuple(s // vec for t in (x, c, zs, zb) for s in _strides4(t)[:3])
+        fused = fused_blocks(C // G, T, kt, H * W)
+        if fused is not None:                              # one launch: the chunk stays in registers
+            bc_, bt, bkt, bhw, warps = fused
+            _gn_fused_fwd_kernel[(B * G,)](x, c, zs, zb, *wb, stats, rstd, out, new_cache, C, G, T, kt, Tp,
+                                           H * W // vec, eps, *strides, **flags, VEC=vec, BLOCK_C=bc_, BLOCK_T=bt,
+                                           BLOCK_KT=bkt, BLOCK_HW=bhw, num_warps=warps)
+            return out, new_cache, stats, rstd
     flat_x = flat_frames(x)
-    vec = vec_width(item, H * W, *_strides4(x)[:3]) if flat_x else 1
+    vec_x = vec_width(item, H * W, *_strides4(x)[:3]) if flat_x else 1
     block, iters, n_chunks, warps = _chunking(H * W)
     n_prog = check_grid((B * C * T * n_chunks,))[0]
     parts = x.new_empty(n_prog, 3, dtype=torch.float32)
-    _gn_stats_kernel[(n_prog,)](x, parts, C, C // G, T, W, H * W // vec, n_chunks, *_div(_strides4(x), vec),
-                                FLAT=int(flat_x), VEC=vec, BLOCK=block, ITERS=iters, num_warps=warps)
-    _gn_combine_kernel[(B * G,)](parts, x, stats, rstd, n_prog // (B * G), G, C // G, x.stride(0), x.stride(1), eps,
-                                 BLOCK_P=COMBINE_BLOCK, num_warps=4)
-    flags = dict(HAS_CACHE=int(cache is not None), HAS_W=int(weight is not None), HAS_B=int(bias is not None),
-                 HAS_ZQ=int(zq_scale is not None), SILU=int(silu))
-    params = (x, c, zs, zb, x if weight is None else weight, x if bias is None else bias, stats, rstd, out, new_cache)
-    if pad_h == pad_w == 0 and flat_frames(x, c, zs, zb):
-        vec = vec_width(item, H * W, *(s for t in (x, c, zs, zb) for s in _strides4(t)[:3]))
-        block, warps, n_chunks, grid = flat_launch(B * C * Tp, H * W)
-        _gn_apply_flat_kernel[grid](*params, C, G, kt, Tp, n_chunks, H * W // vec,
-                                    *(s // vec for t in (x, c, zs, zb) for s in _strides4(t)[:3]),
-                                    **flags, VEC=vec, BLOCK=block, num_warps=warps)
+    _gn_stats_kernel[(n_prog,)](x, parts, C, C // G, T, W, H * W // vec_x, n_chunks, *_div(_strides4(x), vec_x),
+                                FLAT=int(flat_x), VEC=vec_x, BLOCK=block, ITERS=iters, num_warps=warps)
+    P = n_prog // (B * G)                                  # partials per group, contiguous
+    block_p = min(COMBINE_BLOCK, triton.next_power_of_2(P))
+    params = (x, c, zs, zb, *wb, parts, stats, rstd, out, new_cache)
+    if flat:
+        block, iters, n_chunks, warps = _chunking(H * W, FLAT_BLOCK, 8)
+        grid = check_grid((B * C * Tp * n_chunks,))
+        _gn_apply_flat_kernel[grid](*params, C, G, kt, Tp, n_chunks, H * W // vec, P, eps, *strides, **flags,
+                                    VEC=vec, BLOCK=block, ITERS=iters, BLOCK_P=block_p, num_warps=warps)
         return out, new_cache, stats, rstd
     block_h, block_w, warps = _tile(Ho, Wo)
     n_hb, grid = _grid(B * C * Tp, Ho, Wo, block_h, block_w)
     _gn_apply_kernel[grid](
-        *params, C, G, T, H, W, kt, pad_h, pad_w, Tp, Ho, Wo, n_hb, *_strides4(x), *_strides4(c), *_strides4(zs),
-        *_strides4(zb), **flags, BLOCK_H=block_h, BLOCK_W=block_w, num_warps=warps)
+        *params, C, G, T, H, W, kt, pad_h, pad_w, Tp, Ho, Wo, n_hb, P, eps, *_strides4(x), *_strides4(c),
+        *_strides4(zs), *_strides4(zb), **flags, BLOCK_H=block_h, BLOCK_W=block_w, BLOCK_P=block_p,
+        num_warps=warps)
     return out, new_cache, stats, rstd
 
 
@@ -450,32 +692,39 @@ def group_norm_silu_pad_bwd(dout, dnc, x, weight, bias, zq_scale, zq_shift, mean
     dzs = torch.empty_like(x, memory_format=torch.contiguous_format) if has_zq else empty(0)
     dzb = torch.empty_like(x, memory_format=torch.contiguous_format) if has_zq else empty(0)
     dx = torch.empty_like(x, memory_format=torch.contiguous_format)
-    dcache = causal_pad3d_bwd(dout, dnc, T, kernel_t, pad_h, pad_w, "first", True, need_dx=False)[1] \
-        if has_cache else empty(0)
+    dweight = torch.empty_like(weight) if weight is not None else empty(0)
+    dbias = torch.empty_like(bias) if bias is not None else empty(0)
     zs = zq_scale if has_zq else x
     zb = zq_shift if has_zq else x
     flat = pad_h == pad_w == 0 and flat_frames(x, zs, zb)
     vec = vec_width(x.element_size(), H * W, *(s for t in (x, zs, zb) for s in _strides4(t)[:3])) if flat else 1
+    args = (dout, dout if dnc is None else dnc, x, zs, zb, x if weight is None else weight,
+            x if bias is None else bias, mean, rstd)
+    flags = dict(HAS_CACHE=int(has_cache), HAS_DNC=int(dnc is not None), HAS_W=int(weight is not None),
+                 HAS_B=int(bias is not None), HAS_ZQ=int(has_zq), SILU=int(silu), VEC=vec)
+    grads = (dzs if has_zq else x, dzb if has_zq else x, dweight if weight is not None else x,
+             dbias if bias is not None else x)
+    fused = fused_blocks(C // G, T, kt, H * W) if flat else None
+    if fused is not None:                                  # one pass: each (b, g) chunk stays in registers
+        dcache = x.new_empty(B, C, kt, H, W) if has_cache else empty(0)
+        bc_, bt, bkt, bhw, warps = fused
+        _gn_fused_bwd_kernel[(G,)](*args, *grads, dx, dcache if has_cache else x, B, C, G, T, kt, Tp,
+                                   H * W // vec, *(s // vec for t in (x, zs, zb) for s in _strides4(t)[:3]),
+                                   **flags, BLOCK_C=bc_, BLOCK_T=bt, BLOCK_KT=bkt, BLOCK_HW=bhw, num_warps=warps)
+        return dx, dweight, dbias, dzs, dzb, dcache
+    dcache = causal_pad3d_bwd(dout, dnc, T, kernel_t, pad_h, pad_w, "first", True, need_dx=False)[1] \
+        if has_cache else empty(0)
     block, iters, n_chunks, warps = _chunking(H * W, BWD_BLOCK, BWD_WARPS)
     n_prog = check_grid((B * C * T * n_chunks,))[0]
     parts = x.new_empty(B, C, T * n_chunks, 2, dtype=torch.float32)
-    args = (dout, dout if dnc is None else dnc, x, zs, zb, x if weight is None else weight,
-            x if bias is None else bias, mean, rstd)
-    shape_args = (C, G, T, W, H * W // vec, kt, pad_h, pad_w, Tp, Wo, Ho * Wo // vec, n_chunks,
+    shape_args = (B, C, G, T, W, H * W // vec, kt, pad_h, pad_w, Tp, Wo, Ho * Wo // vec, n_chunks,
                   *_div(_strides4(x), vec), *_div(_strides4(zs), vec), *_div(_strides4(zb), vec))
-    flags = dict(HAS_CACHE=int(has_cache), HAS_DNC=int(dnc is not None), HAS_W=int(weight is not None),
-                 HAS_B=int(bias is not None), HAS_ZQ=int(has_zq), SILU=int(silu), FLAT=int(flat), VEC=vec,
-                 BLOCK=block, ITERS=iters, num_warps=warps)
-    _gn_bwd_kernel[(n_prog,)](*args, dzs if has_zq else x, dzb if has_zq else x, parts, rstd, rstd, x, *shape_args,
-                              DX=0, **flags)
-    # fixed-order reductions over the partials axis: deterministic
-    sums = parts.sum(2)                                             # (B, C, 2): sum da, sum da * xhat per channel
-    dweight = sums[..., 1].sum(0).to(weight.dtype) if weight is not None else empty(0)
-    dbias = sums[..., 0].sum(0).to(bias.dtype) if bias is not None else empty(0)
-    w = weight.float()[None, :, None] if weight is not None else 1.0
-    group = (sums * w).reshape(B, G, C // G, 2).sum(2) / (C // G * T * H * W)   # means of dxhat, dxhat * xhat
-    c1, c2 = group[..., 0].contiguous(), group[..., 1].contiguous()
-    _gn_bwd_kernel[(n_prog,)](*args, x, x, parts, c1, c2, dx, *shape_args, DX=1, **flags)
+    block_c = triton.next_power_of_2(C // G)
+    # the second pass's merge of the partials: (BLOCK_C, BLOCK_P) blocks of 1024, 8 a thread at 4 warps
+    block_p = min(max(COMBINE_BLOCK // block_c, 1), triton.next_power_of_2(T * n_chunks))
+    flags.update(FLAT=int(flat), BLOCK=block, ITERS=iters, BLOCK_C=block_c, BLOCK_P=block_p, num_warps=warps)
+    _gn_bwd_kernel[(n_prog,)](*args, grads[0], grads[1], parts, x, x, x, *shape_args, DX=0, **flags)
+    _gn_bwd_kernel[(n_prog,)](*args, x, x, parts, grads[2], grads[3], dx, *shape_args, DX=1, **flags)
     return dx, dweight, dbias, dzs, dzb, dcache
 
 

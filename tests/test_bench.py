@@ -115,6 +115,9 @@ def test_min_bytes_hand_computed():
     assert gn["fwd"] - gn0["fwd"] == 2 * 2 * 120                    # zq_scale and zq_shift read once
     assert gn0["fwd"] - pad["fwd"] == 2 * (120 + 2 * 2)             # x read twice (statistics, normalize) + w, b
     assert gn["bwd"] - gn0["bwd"] == 2 * (2 * 2 * 120 + 2 * 120)    # zq read twice, their grads written
+    fits = flops.group_norm_silu_pad_bytes(1, 2, 3, 4, 5, zq=True, itemsize=2, fits=True)
+    assert gn["fwd"] - fits["fwd"] == 2 * 120                       # a group on chip: x read once
+    assert gn["bwd"] - fits["bwd"] == 2 * (5 * 2 * 4 * 5 + 120 + 2 * 120)   # d_out's interior, x, zq read once
 
 
 def test_vae_flops_match_torch_flop_counter_on_diffusers_vae():

@@ -8,6 +8,7 @@ import torch._dynamo.testing
 import torch.nn.functional as F
 
 import kernels.group_norm_silu_pad  # noqa: F401  (the package re-exports the function under the same name)
+from kernels import _static
 from conftest import TEST_DEVICE, assert_parity
 from kernels.causal_pad3d import causal_pad3d_ref
 from test_causal_pad3d import WHOLE_VIDEOS, poisoned_allocations  # noqa: F401 (a fixture)
@@ -25,7 +26,19 @@ CASES = [
     ((1, 6, 1, 3, 5), 3, 4, (2, 1), True, False, True, True),      # T < kernel_t - 1: the cache feeds new_cache
     ((1, 4, 3, 4, 6), 2, 3, (0, 0), True, True, True, True),       # as the VAE calls it: the conv pads H and W
     ((2, 6, 2, 3, 8), 3, 3, (0, 0), False, False, True, True),     # ... a first chunk (flat kernels, 16-byte rows)
+    ((1, 6, 1, 3, 5), 3, 4, (0, 0), True, True, True, True),       # ... T < kernel_t - 1, the cache feeds new_cache
+    ((2, 4, 1, 2, 4), 2, 4, (0, 0), False, True, True, True),      # ... frame 0 in every front and new_cache frame
 ]
+
+
+@pytest.fixture(params=["single", "split"])
+def gn_path(request, monkeypatch):
+    """The kernels a flat (pad 0) chunk takes: "single" (one program per (b, group) chunk, as every CASES chunk
+    fits FUSED_MAX) or "split" (statistics + apply, two backward passes: FUSED_MAX = 0). Padded cases always
+    split."""
+    if request.param == "split":
+        monkeypatch.setattr(gn, "FUSED_MAX", 0)
+    return request.param
 
 
 def _inputs(shape, kernel_t, with_cache, spatial_norm, affine, dtype):
@@ -73,9 +86,11 @@ def _grad_outputs(shape, kernel_t, pad_hw, dtype=torch.float32):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_parity(triton_kernels, dtype):
+def test_parity(triton_kernels, gn_path, dtype):
     torch.manual_seed(0)
     for shape, G, kernel_t, pad_hw, with_cache, spatial_norm, silu, affine in CASES:
+        if gn_path == "single" and pad_hw != (0, 0):
+            continue                                       # the padded kernels: run under "split"
         t = _inputs(shape, kernel_t, with_cache, spatial_norm, affine, dtype)
         gout, gnc = _grad_outputs(shape, kernel_t, pad_hw, dtype)
         out, nc, grads = _run(group_norm_silu_pad, t, G, kernel_t, pad_hw, silu, gout, gnc)
@@ -105,13 +120,14 @@ def test_reference_backward_matches_autograd(torch_kernels):
             assert_parity(grads[k], ref[k], rtol=2e-5, atol=1e-5, name=f"d{k}")
 
 
-def test_every_output_element_written(triton_kernels, poisoned_allocations):
+@pytest.mark.parametrize("pad_hw", [(2, 1), (0, 0)])
+def test_every_output_element_written(triton_kernels, gn_path, poisoned_allocations, pad_hw):
     torch.manual_seed(8)
     for with_cache, spatial_norm in ((False, True), (True, False)):
         t = _inputs((1, 4, 2, 5, 3), 4, with_cache, spatial_norm, True, torch.float32)
-        gout, gnc = _grad_outputs((1, 4, 2, 5, 3), 4, (2, 1))
-        out, nc, grads = _run(group_norm_silu_pad, t, 2, 4, (2, 1), True, gout, gnc)
-        ref_out, ref_nc, ref = _run(group_norm_silu_pad_ref, t, 2, 4, (2, 1), True, gout, gnc, dtype=torch.float64)
+        gout, gnc = _grad_outputs((1, 4, 2, 5, 3), 4, pad_hw)
+        out, nc, grads = _run(group_norm_silu_pad, t, 2, 4, pad_hw, True, gout, gnc)
+        ref_out, ref_nc, ref = _run(group_norm_silu_pad_ref, t, 2, 4, pad_hw, True, gout, gnc, dtype=torch.float64)
         assert_parity(out, ref_out, name="out")
         assert_parity(nc, ref_nc, name="new_cache")
         for k in ref:
@@ -189,6 +205,31 @@ def test_strided_inputs_and_stride0_grads(triton_kernels):
         assert_parity(ours.grad, ref.grad, atol=1e-5, name=f"d{name}")
 
 
+def test_flat_strided_views(triton_kernels, gn_path):
+    """Contiguous frames inside strided channels and frames (views of a larger tensor, a stride-0 zq_shift, a
+    slice of a longer cache) take the flat kernels, single-program or split: strides, not shapes, address them."""
+    torch.manual_seed(13)
+    B, C, T, H, W = 2, 4, 2, 3, 8
+    x = torch.randn(B, C + 2, T + 1, H, W)[:, 1:5, 1:]
+    zs = torch.randn(B, C, 2 * T, H, W)[:, :, ::2]
+    zb = torch.randn(1, 1, T, H, W).expand(B, C, T, H, W)                        # stride 0 along B and C
+    cache = torch.randn(B, C, 5, H, W)[:, :, 1:3]
+    weight, bias = 1 + 0.3 * torch.randn(C), torch.randn(C)
+    assert _launches(gn.group_norm_silu_pad_fwd, x, 2, weight, bias, 1e-6, 3, cache, 0, 0, zs, zb, True) == \
+        (["_gn_fused_fwd_kernel"] if gn_path == "single" else ["_gn_stats_kernel", "_gn_apply_flat_kernel"])
+    leaves = [t.detach().requires_grad_() for t in (x, weight, bias, cache, zs)]
+    out, nc = group_norm_silu_pad(leaves[0], 2, leaves[1], leaves[2], 1e-6, 3, leaves[3], (0, 0), leaves[4], zb)
+    gout, gnc = torch.randn_like(out), torch.randn_like(nc)
+    ((out * gout).sum() + (nc * gnc).sum()).backward()
+    refs = [t.detach().double().requires_grad_() for t in (x, weight, bias, cache, zs)]
+    ro, rn = group_norm_silu_pad_ref(refs[0], 2, refs[1], refs[2], 1e-6, 3, refs[3], (0, 0), refs[4], zb.double())
+    ((ro * gout.double()).sum() + (rn * gnc.double()).sum()).backward()
+    assert_parity(out, ro, name="out")
+    assert_parity(nc, rn, name="new_cache")
+    for ours, ref, name in zip(leaves, refs, NAMES):
+        assert_parity(ours.grad, ref.grad, atol=1e-5, name=f"d{name}")
+
+
 def test_backward_takes_strided_statistics(triton_kernels):
     """The backward op's stats (B, G, 2) / rstd (B, G) are indexed as contiguous in the kernels: transposed views
     must give what the reference computes from them, not the statistics of another group."""
@@ -217,6 +258,54 @@ def test_backward_deterministic_and_out_only(triton_kernels):
     _, _, plain = _run(_plain, t, 2, 3, (1, 1), True, gout, None)
     for k in ref:
         assert_parity(runs[0][k], ref[k], plain[k], atol=1e-5, name=f"d{k}")
+
+
+def _launches(launcher, *args):
+    """The kernel names a launcher would launch for these arguments (kernels._static records, nothing runs)."""
+    return [launch.name for launch in _static.record(launcher, *args)]
+
+
+# (shape, num_groups): a (b, group) chunk of exactly FUSED_MAX elements (4 channels x 2 frames x 32 x 32) and
+# one element past it (1025 elements a frame round up to 2048)
+AT_THRESHOLD, PAST_THRESHOLD = ((1, 8, 2, 32, 32), 2), ((1, 8, 2, 25, 41), 2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", [AT_THRESHOLD, PAST_THRESHOLD], ids=["at", "past"])
+@pytest.mark.parametrize("with_cache", [False, True])
+def test_single_program_threshold(triton_kernels, case, with_cache, dtype):
+    """At FUSED_MAX the forward is one launch and the backward one pass (dcache included); one element past it,
+    statistics + apply and two backward passes. Both match the reference forward and backward, and two
+    backward runs agree bit for bit."""
+    shape, G = case
+    B, C, T, H, W = shape
+    fits = case is AT_THRESHOLD
+    assert (gn.fused_blocks(C // G, T, 2, H * W) is not None) == fits
+    t = _inputs(shape, 3, with_cache, True, True, dtype)
+    meta = {k: None if v is None else v.to("meta") for k, v in t.items()}
+    fwd = _launches(gn.group_norm_silu_pad_fwd, meta["x"], G, meta["weight"], meta["bias"], 1e-6, 3, meta["cache"],
+                    0, 0, meta["zq_scale"], meta["zq_shift"], True)
+    stats = torch.empty(B, G, 2, device="meta")
+    bwd = _launches(gn.group_norm_silu_pad_bwd, torch.empty(B, C, T + 2, H, W, device="meta", dtype=dtype),
+                    torch.empty(B, C, 2, H, W, device="meta", dtype=dtype), meta["x"], meta["weight"], meta["bias"],
+                    meta["zq_scale"], meta["zq_shift"], stats, stats[..., 0], G, 3, with_cache, 0, 0, True)
+    if fits:
+        assert fwd == ["_gn_fused_fwd_kernel"] and bwd == ["_gn_fused_bwd_kernel"]
+    else:
+        assert fwd == ["_gn_stats_kernel", "_gn_apply_flat_kernel"]
+        assert bwd == ["_causal_pad3d_flat_bwd_kernel"] * with_cache + ["_gn_bwd_kernel"] * 2
+    torch.manual_seed(12)
+    gout, gnc = _grad_outputs(shape, 3, (0, 0), dtype)
+    runs = [_run(group_norm_silu_pad, t, G, 3, (0, 0), True, gout, gnc) for _ in range(2)]
+    for k in runs[0][2]:
+        assert torch.equal(runs[0][2][k], runs[1][2][k]), k
+    out, nc, grads = runs[0]
+    ref_out, ref_nc, ref = _run(group_norm_silu_pad_ref, t, G, 3, (0, 0), True, gout, gnc, dtype=torch.float64)
+    plain_out, plain_nc, plain = _run(_plain, t, G, 3, (0, 0), True, gout, gnc)
+    assert_parity(out, ref_out, plain_out, atol=1e-5, name="out")
+    assert_parity(nc, ref_nc, plain_nc, atol=1e-5, name="new_cache")
+    for k in ref:
+        assert_parity(grads[k], ref[k], plain[k], atol=1e-5, name=f"d{k}")
 
 
 @pytest.mark.skipif(TEST_DEVICE != "cpu", reason="checks the CPU dispatch; COGVIDEOX_TEST_DEVICE puts tensors on a GPU")
@@ -248,6 +337,11 @@ def test_opcheck(monkeypatch, use_triton):
                            t["zq_scale"].detach(), t["zq_shift"].detach(), mean, rstd, 2, 3, True, 1, 1, True))
     torch.library.opcheck(gn._group_norm_silu_pad_bwd_op,
                           (dout, None, t["x"].detach(), None, None, None, None, mean, rstd, 2, 3, False, 1, 1, False))
+    # no spatial pad: the single-program backward, which gathers dcache itself
+    torch.library.opcheck(gn._group_norm_silu_pad_bwd_op,
+                          (dout[..., 1:-1, 1:-1].contiguous(), dnc, t["x"].detach(), t["weight"].detach(),
+                           t["bias"].detach(), t["zq_scale"].detach(), t["zq_shift"].detach(), mean, rstd, 2, 3, True,
+                           0, 0, True))
 
 
 def test_compile_no_graph_breaks(triton_kernels):

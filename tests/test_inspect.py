@@ -23,17 +23,33 @@ def _meta(*shape, dtype=torch.bfloat16):
     return torch.empty(*shape, device="meta", dtype=dtype)
 
 
-def _vectorized(b: _static.Built, scalar_loads: int = 0):
-    """Every bf16 block access is a 128-bit vector: no 64-bit loads, no 16-bit stores, and 16-bit loads only for
-    the kernel's scalar loads."""
+def _vectorized(b: _static.Built, scalar_loads: int = 0, scalar_stores: int = 0):
+    """Every bf16 block access is a 128-bit vector: no 64-bit loads, 16-bit loads and stores only for the kernel's
+    scalar accesses."""
     assert b.ldg[128] >= 1 and b.ldg[64] == 0 and b.ldg[16] <= scalar_loads, (b.name, b.ldg)
-    assert b.stg[16] == 0 and b.stg[64] == 0 and (b.stg[128] >= 1 or b.stg[32]), (b.name, b.stg)
+    assert b.stg[16] <= scalar_stores and b.stg[64] == 0 and (b.stg[128] >= 1 or b.stg[32]), (b.name, b.stg)
 
 
 def _int64_frames(b: _static.Built):
     for ptr in list(b.reads) + list(b.writes):
         offsets = _addptr_offsets(b.ttir, ptr)
         assert offsets and set(offsets) == {"i64"}, (b.name, ptr, offsets)
+
+
+def _int64_blocks(b: _static.Built):
+    """The single-program kernels add per-channel (block) frame offsets to splatted pointers: those are int64, the
+    offsets inside a frame int32 (the compiler splits the sum into one addptr each)."""
+    widths = re.findall(r"tt\.addptr %\S+, %\S+ : tensor<[^,]*!tt\.ptr<\w+>>, tensor<[0-9x]+x(i\d+)>", b.ttir)
+    assert set(widths) == {"i64", "i32"} and widths.count("i64") >= widths.count("i32"), (b.name, widths)
+
+
+GN_PARAMS = {"w_ptr", "b_ptr", "dw_ptr", "db_ptr"}   # (C,) tensors, loaded / stored one element a channel
+
+
+def _big_passes(builds):
+    """_static.passes without the (C,) weight and bias and their gradients (whether their per-channel accesses
+    count as blocks depends on how a kernel spells them; bytes: 2 C)."""
+    return {k: v for k, v in _static.passes(builds).items() if k not in GN_PARAMS}
 
 
 VAE = (1, 128, 9, 480, 720)       # the decoder's first chunk at full resolution (3 latents -> 9 frames)
@@ -74,26 +90,32 @@ def test_causal_pad3d_backward_is_vectorized():
 
 
 def test_group_norm_silu_pad_forward():
-    """Statistics (one read of x), a merge of the partials, then one read of x, zq_scale, zq_shift and one write of
-    out and new_cache: every block access 16 bytes wide, no division per element."""
+    """Statistics (one read of x), then every apply program merges its group's partials and reads x, zq_scale,
+    zq_shift once and writes out and new_cache once: two launches, every block access 16 bytes wide, no division
+    per element."""
     B, C, T, H, W = VAE
     x, w = _meta(*VAE), _meta(C)
     builds = _static.inspect_launcher(gn.group_norm_silu_pad_fwd, x, 32, w, w, 1e-6, 3, None, 0, 0, x, x, True)
-    assert [b.name for b in builds] == ["_gn_stats_kernel", "_gn_combine_kernel", "_gn_apply_flat_kernel"]
-    stats, _, apply = builds
+    assert [b.name for b in builds] == ["_gn_stats_kernel", "_gn_apply_flat_kernel"]
+    stats, apply = builds
     for b in builds:
         assert not b.spills and b.resident >= 2, (b.name, b.n_regs)
     _vectorized(stats, scalar_loads=1)                          # the group's shift
-    _vectorized(apply, scalar_loads=2)                          # the channel's weight and bias
+    _vectorized(apply, scalar_loads=3)                          # the shift, the channel's weight and bias
     for b in (stats, apply):
         _int64_frames(b)
         assert not re.search(r"arith\.(div|rem)[su]i .* : tensor<", b.ttir), b.name   # scalars only
-    assert _static.passes([stats, apply]) == {"x_ptr": (2, 0), "zs_ptr": (1, 0), "zb_ptr": (1, 0),
-                                              "out_ptr": (0, 1), "nc_ptr": (0, 1)}   # partials: scalars
+    # partials: stored as scalars, read by every apply program (from L2); the statistics: 3 floats a group
+    assert _static.passes(builds) == {"x_ptr": (2, 0), "zs_ptr": (1, 0), "zb_ptr": (1, 0), "out_ptr": (0, 1),
+                                      "nc_ptr": (0, 1), "part_ptr": (1, 0), "stats_ptr": (0, 1), "rstd_ptr": (0, 1)}
+    side = apply.reads["part_ptr"] + apply.writes["stats_ptr"] + apply.writes["rstd_ptr"]
+    assert stats.bytes_moved + apply.bytes_moved - side + 4 * C == \
+        flops.group_norm_silu_pad_bytes(B, C, T, H, W, 3, (0, 0), zq=True)["fwd"]   # + weight, bias
 
 
 def test_group_norm_silu_pad_backward():
-    """Two passes over dout, x and zq (the group means must be complete before any dx), each 16 bytes wide."""
+    """Two passes over dout, x and zq (the group means must be complete before any dx), each 16 bytes wide; the
+    second merges the group's partials itself (no launch between the passes) and stores dweight / dbias."""
     B, C, T, H, W = VAE
     x, w = _meta(*VAE), _meta(C)
     stats, rstd = _meta(B, 32, 2, dtype=torch.float32), _meta(B, 32, dtype=torch.float32)
@@ -102,10 +124,46 @@ def test_group_norm_silu_pad_backward():
     assert [b.name for b in builds] == ["_gn_bwd_kernel"] * 2
     for b in builds:
         assert not b.spills and b.resident >= 2, (b.name, b.n_regs)
-        _vectorized(b, scalar_loads=2)
         _int64_frames(b)
-    assert _static.passes(builds) == {"dout_ptr": (2, 0), "x_ptr": (2, 0), "zs_ptr": (2, 0), "zb_ptr": (2, 0),
-                                      "dzs_ptr": (0, 1), "dzb_ptr": (0, 1), "dx_ptr": (0, 1)}
+    _vectorized(builds[0], scalar_loads=2)                      # the channel's weight and bias
+    _vectorized(builds[1], scalar_loads=6, scalar_stores=2)     # + the group's weights; dweight, dbias
+    assert _big_passes(builds) == {"dout_ptr": (2, 0), "x_ptr": (2, 0), "zs_ptr": (2, 0), "zb_ptr": (2, 0),
+                                   "dzs_ptr": (0, 1), "dzb_ptr": (0, 1), "dx_ptr": (0, 1), "part_ptr": (1, 0)}
+
+
+# the largest chunk of the single-program path: 4 channels (128 / 32 groups) x 2 frames x 32 x 32 = FUSED_MAX;
+# one frame more (3, rounded up to 4) is past it
+FITS = (1, 128, 2, 32, 32)
+
+
+@pytest.mark.parametrize("T", [2, 3])
+def test_group_norm_silu_pad_single_program_at_the_threshold(T):
+    """At FUSED_MAX: one launch forward (x read once, out / new_cache written once) and one backward (dout, x, zq
+    read once; dcache gathered in the same program), no spills; one frame more: the two-launch paths."""
+    B, C, _, H, W = FITS
+    assert gn.fused_blocks(C // 32, 2, 2, H * W) and gn.fused_blocks(C // 32, 3, 2, H * W) is None
+    x, w = _meta(B, C, T, H, W), _meta(C)
+    stats, rstd = _meta(B, 32, 2, dtype=torch.float32), _meta(B, 32, dtype=torch.float32)
+    fwd = _static.inspect_launcher(gn.group_norm_silu_pad_fwd, x, 32, w, w, 1e-6, 3, None, 0, 0, x, x, True)
+    bwd = _static.inspect_launcher(gn.group_norm_silu_pad_bwd, _meta(B, C, T + 2, H, W), _meta(B, C, 2, H, W), x,
+                                   w, w, x, x, stats, rstd, 32, 3, True, 0, 0, True)
+    if T == 3:
+        assert [b.name for b in fwd] == ["_gn_stats_kernel", "_gn_apply_flat_kernel"]
+        assert [b.name for b in bwd] == ["_causal_pad3d_flat_bwd_kernel"] + ["_gn_bwd_kernel"] * 2
+        return
+    assert [b.name for b in fwd + bwd] == ["_gn_fused_fwd_kernel", "_gn_fused_bwd_kernel"]
+    for b in fwd + bwd:
+        assert not b.spills, (b.name, b.n_regs)
+        _int64_blocks(b)
+        assert not re.search(r"arith\.(div|rem)[su]i .* : tensor<", b.ttir), b.name
+    _vectorized(fwd[0], scalar_loads=16)                        # the shift, the (BLOCK_C,) weights and biases
+    _vectorized(bwd[0], scalar_loads=16, scalar_stores=4)       # the weights and biases; dweight, dbias
+    assert _big_passes(fwd) == {"x_ptr": (1, 0), "zs_ptr": (1, 0), "zb_ptr": (1, 0), "out_ptr": (0, 1),
+                                "nc_ptr": (0, 1)}
+    assert fwd[0].bytes_moved == flops.group_norm_silu_pad_bytes(B, C, T, H, W, 3, (0, 0), zq=True, fits=True)["fwd"]
+    assert _big_passes(bwd) == {"dout_ptr": (1, 0), "dnc_ptr": (1, 0), "x_ptr": (1, 0), "zs_ptr": (1, 0),
+                                   "zb_ptr": (1, 0), "dzs_ptr": (0, 1), "dzb_ptr": (0, 1), "dx_ptr": (0, 1),
+                                   "dc_ptr": (0, 1)}
 
 
 @pytest.mark.parametrize("backward", [False, True])
@@ -147,7 +205,7 @@ def test_padded_2d_kernels_compile_without_spills_and_with_int64_frames():
     stats, rstd = _meta(B, 32, 2, dtype=torch.float32), _meta(B, 32, dtype=torch.float32)
     builds = (_static.inspect_launcher(cp.causal_pad3d_fwd, x, 3, cache, 1, 1, "first")
               + _static.inspect_launcher(cp.causal_pad3d_bwd, dout, dnc, T, 3, 1, 1, "replicate", False)
-              + _static.inspect_launcher(gn.group_norm_silu_pad_fwd, x, 32, w, w, 1e-6, 3, cache, 1, 1, x, x, True)[2:]
+              + _static.inspect_launcher(gn.group_norm_silu_pad_fwd, x, 32, w, w, 1e-6, 3, cache, 1, 1, x, x, True)[1:]
               + _static.inspect_launcher(gn.group_norm_silu_pad_bwd, dout, dnc, x, w, w, x, x, stats, rstd, 32, 3,
                                          True, 1, 1, True))
     assert [b.name for b in builds] == ["_causal_pad3d_fwd_kernel", "_causal_pad3d_bwd_kernel", "_gn_apply_kernel",

@@ -11,6 +11,8 @@ VAE's full-resolution pad (1, 128, 9, 480, 720); small stand-ins on a CPU. Row n
 """
 from __future__ import annotations
 
+import importlib
+
 import torch
 import torch.nn.functional as F
 
@@ -237,7 +239,9 @@ def _vae_case(op: str, ctx: Context, zq: bool = False) -> Case:
         nbytes = flops.causal_pad3d_bytes(B, C, T, H, W, kt, pad_hw, item)
         name = op
     else:
-        nbytes = flops.group_norm_silu_pad_bytes(B, C, T, H, W, kt, pad_hw, zq, item)
+        gn = importlib.import_module("kernels.group_norm_silu_pad")   # the package re-exports the function
+        fits = tuple(pad_hw) == (0, 0) and gn.fused_blocks(C // groups, T, kt - 1, H * W) is not None
+        nbytes = flops.group_norm_silu_pad_bytes(B, C, T, H, W, kt, pad_hw, zq, item, fits=fits)
         name = op + ("+zq" if zq else "")
     shape = {"B": B, "C": C, "T": T, "H": H, "W": W, "kernel_t": kt, "pad_hw": list(pad_hw)}
     if op != "causal_pad3d":
@@ -371,6 +375,16 @@ def static_cases(models=("2b", "5b")) -> list[tuple]:
                  (xs, groups, cw, cw, 1e-6, 3, None, *ph, xs, xs, True), nb["fwd"]),
                 ("group_norm_silu_pad+zq", f"{tag} pad{ph[0]}", "bwd", gn.group_norm_silu_pad_bwd,
                  (dout, dnc, xs, cw, cw, xs, xs, mean, mean, groups, 3, False, *ph, True), nb["bwd"])]
+    # a small layer whose (b, group) chunk is exactly gn.FUSED_MAX elements (4 channels x 2 frames x 32 x 32): one
+    # program per chunk, one launch each way
+    Bv, C, T, Hv, Wv = shape = (1, 128, 2, 32, 32)
+    xs, cw, mean = _meta(*shape), _meta(C), _meta(Bv, 32, dtype=torch.float32)
+    nb = flops.group_norm_silu_pad_bytes(Bv, C, T, Hv, Wv, 3, (0, 0), zq=True, fits=True)
+    tag = "x".join(map(str, shape)) + " pad0 fits"
+    out += [("group_norm_silu_pad+zq", tag, "fwd", gn.group_norm_silu_pad_fwd,
+             (xs, 32, cw, cw, 1e-6, 3, None, 0, 0, xs, xs, True), nb["fwd"]),
+            ("group_norm_silu_pad+zq", tag, "bwd", gn.group_norm_silu_pad_bwd,
+             (_meta(Bv, C, T + 2, Hv, Wv), None, xs, cw, cw, xs, xs, mean, mean, 32, 3, False, 0, 0, True), nb["bwd"])]
     return out
 
 
