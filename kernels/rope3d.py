@@ -341,7 +341,7 @@ def _rope3d_bwd_kernel(DY, X, W, DX, DW_PART, DB_PART, B, S, H, sxb, sxs, sxh, t
             tl.store(DX + row_off, cast_rtne(dz, DX.dtype.element_ty), mask=mask)
     # one partial row per program, (block [, segment]) x group, summed on the host in a fixed order (deterministic,
     # no atomics)
-    part = (pid.to(tl.int64) * GROUPS + g) * HEAD_DIM                            # scalar row offset
+    part = pid.to(tl.int64) * GROUPS * HEAD_DIM + g * HEAD_DIM   # scalar; g * HEAD_DIM as in W's (+26 registers if not)
     if HAS_W:
         tl.store(DW_PART + part + c, tl.sum(dw_acc, axis=0), mask=c_ok)
     if HAS_B:
