@@ -139,6 +139,27 @@ def test_rope3d_q_and_k_in_one_launch(model, backward):
     assert b.ldg[16] == 0 and b.stg[16] == 0 and b.ldg[128] >= 1, (b.ldg, b.stg)
 
 
+@pytest.mark.parametrize("backward", [False, True], ids=["fwd", "bwd"])
+@pytest.mark.parametrize("groups", [1, 2], ids=["q", "q_and_k"])
+def test_rope3d_packed(groups, backward):
+    """A packed pair of 5B videos (13 and 7 latent frames at 768x1360, 226 text tokens each; VARLEN): grid (token
+    blocks of the longer, 2 segments[, 2 groups]), the segment scalars loaded (32-bit), the rows still 16 bytes, no
+    spills, >= 4 programs resident."""
+    from kernels import Segments
+    seg = Segments([226, 226], [(13, 30, 45), (7, 30, 45)], device="meta")
+    H, Dh = 48, 64
+    x = _meta(1, seg.total, 3 * H * Dh).unflatten(-1, (3, H, Dh))[:, :, :groups].flatten(2, 3)
+    w = _meta(Dh) if groups == 1 else _meta(groups, Dh)
+    layout = (seg.cu_seqlens, seg.text_lens_t, seg.grids_t, seg.max_len)
+    args = (x, 0, [0, 0, 0], seg.start_t, seg.step_t, 10000.0, rp.default_axes_dim(Dh), w, w, 1e-6, 0, layout)
+    (b,) = _static.inspect_launcher(rp.rope3d_bwd, _meta(*x.shape), *args) if backward else \
+        _static.inspect_launcher(rp.rope3d_fwd, *args)
+    cfg = rp.rope3d_config(H, Dh, backward)
+    assert b.grid == [-(-seg.max_len // cfg["BLOCK_S"]), 2] + ([groups] if groups > 1 else []), b.grid
+    assert not b.spills and b.resident >= 4, (b.n_regs, b.resident)
+    assert b.ldg[16] == 0 and b.stg[16] == 0 and b.ldg[128] >= 1, (b.ldg, b.stg)
+
+
 def test_expert_adaln_residual_backward():
     """The row vectors are 16-byte copies (LDGSTS, the pipeline's prefetch); the 16-bit loads are the rows' shifts
     x[0], one per row loop (two expert segments)."""
