@@ -630,11 +630,12 @@ def test_offsets_beyond_2_31_elements(tmp_path):
 
 # ---- packed sequences (kernels.Segments) ------------------------------------------------------------------------
 
-# Four segments: text + video with fractional positions, one without text, a text-only one (a zero in its grid), a
-# one-token video. Lengths 17, 6, 3, 3: the grid covers the longest, so the shorter segments have idle blocks.
-SEGMENTS = dict(text_lens=[5, 0, 3, 2], grids=[(2, 2, 3), (1, 3, 2), (0, 2, 3), (1, 1, 1)],
-                start=[(0.0, 1.0, 0.5), (0.0, 0.0, 0.0), (0.0, 0.0, 0.0), (2.0, 3.0, 0.25)],
-                step=[(1.0, 0.75, 1.25), (1.0, 1.0, 1.0), (1.0, 1.0, 1.0), (1.0, 0.5, 4.2)])
+# Five segments: text + video with fractional positions, one without text, a text-only one (a zero in its grid), an
+# empty one, a one-frame video. Lengths 17, 6, 3, 0, 3: the grid covers the longest, so the shorter segments have
+# idle blocks.
+SEGMENTS = dict(text_lens=[5, 0, 3, 0, 2], grids=[(2, 2, 3), (1, 3, 2), (0, 2, 3), (0, 0, 0), (1, 1, 1)],
+                start=[(0.0, 1.0, 0.5), (0.0, 0.0, 0.0), (0.0, 0.0, 0.0), (0.0, 0.0, 0.0), (2.0, 3.0, 0.25)],
+                step=[(1.0, 0.75, 1.25), (1.0, 1.0, 1.0), (1.0, 1.0, 1.0), (1.0, 1.0, 1.0), (1.0, 0.5, 4.2)])
 
 
 def _segments():
@@ -689,6 +690,29 @@ def test_packed_equals_each_segment_alone(triton_kernels, monkeypatch, dtype, no
         if name in ("dweight", "dbias"):
             assert g.dtype == dtype
             assert_parity(g.float(), a, name=name + " vs alone", rtol=1e-5 if dtype == torch.float32 else 1e-2)
+
+
+def test_packed_compile_fullgraph(triton_kernels):
+    """torch.compile(fullgraph=True) of a packed call: no graph break, one graph, forward and gradients equal to
+    eager."""
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    seg = _segments()
+
+    def f(x, weight=None, bias=None):
+        return rope3d(x, None, None, weight=weight, bias=bias, segments=seg) * 2.0
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    x, dy = _x(1, seg.total, 2, 64, torch.float32, "qkv"), torch.randn(1, seg.total, 2, 64)
+    w, b = torch.randn(64), torch.randn(64)
+    out, grads = _run(compiled, x, dy, w, b, (), {})
+    ref, ref_grads = _run(f, x, dy, w, b, (), {})
+    assert torch.equal(out, ref)
+    for g, r in zip(grads, ref_grads):
+        assert torch.equal(g, r)
+    assert sum(counters["graph_break"].values()) == 0 and counters["stats"]["unique_graphs"] == 1
+    torch._dynamo.reset()
 
 
 @pytest.mark.parametrize("norm", [True, False], ids=["norm", "nonorm"])
