@@ -117,8 +117,8 @@ def _shard_table(x_len, text_len, grid, start, step, theta, axes_dim, device, of
 def rope3d_ref(x, text_len, grid, start=(0.0, 0.0, 0.0), step=(1.0, 1.0, 1.0), theta=10000.0, axes_dim=None,
                weight=None, bias=None, eps=1e-6, offset=None, segments=None):
     """Pure torch, fp32 inside, one rounding to x.dtype at the end. offset, weight / bias ((Dh,) or (G, Dh)): as
-    rope3d. segments: a kernels.Segments; x is the packed (1, N, H, Dh) sequence, each segment rotated with its own text
-    length, grid and positions (text_len, grid, start, step are then unused)."""
+    rope3d. segments: a kernels.Segments; x is the packed (1, N, H, Dh) sequence, each segment rotated with its own
+    text length, grid and positions (text_len, grid, start, step are then unused)."""
     if segments is not None:
         return torch.cat([rope3d_ref(x[:, a:b], L, g, s0, s1, theta, axes_dim, weight, bias, eps)
                           for (a, b), L, g, s0, s1 in zip(segments.ranges(), segments.text_lens, segments.grids,
@@ -209,7 +209,7 @@ def _first_channel(x, c):
 def _segment(CU, TEXT, GRIDS, START, STEP, BLOCK_S: tl.constexpr):
     """VARLEN: program (token block, segment seg) -> seg's first packed row, length, text length, Hg, Wg, its rows of
     the start / step tables, and the batch loop's trip count: 1, or 0 for a block past the segment's end (the
-    grid covers the longest segment; nothing of a shorter one's idle blocks is loaded or stored)."""
+    grid covers the longest segment: a shorter one's idle blocks load and store no x / dy / out / dx)."""
     seg = tl.program_id(1)
     row0 = tl.load(CU + seg)
     length = tl.load(CU + seg + 1) - row0
