@@ -179,6 +179,45 @@ def test_rope3d_on_the_strided_qkv_slice(backward):
     assert not b.spills and b.ldg[16] == 0 and b.stg[16] == 0 and b.ldg[128] >= 1, (b.ldg, b.stg)
 
 
+@pytest.mark.parametrize("backward", [False, True], ids=["fwd", "bwd"])
+@pytest.mark.parametrize("model", ["2b", "5b"])
+def test_rope3d_q_and_k_in_one_launch(model, backward):
+    """q and k as one (B, S, 2H, Dh) view of the QKV output with (2, Dh) weights (torch.stack([norm_q, norm_k])): one
+    launch, a program per weight row's heads (grid axis 1 = 2), still 16-byte rows and no spills; the 2B has no
+    RoPE (every token "text"), the 5B its 13x30x45 grid at 768x1360."""
+    H, grid = (30, (0, 0, 0)) if model == "2b" else (48, (13, 30, 45))
+    B, Dh, S = 2, 64, 226 + 13 * 30 * 45
+    qk = _meta(B, S, 3 * H * Dh).unflatten(-1, (3, H, Dh))[:, :, :2].flatten(2, 3)
+    start, step, w = _meta(3, dtype=torch.float32), _meta(3, dtype=torch.float32), _meta(2, Dh)
+    text_len = S if model == "2b" else 226
+    args = (qk, text_len, grid, start, step, 10000.0, rp.default_axes_dim(Dh), w, w, 1e-6)
+    (b,) = _static.inspect_launcher(rp.rope3d_bwd, _meta(B, S, 2 * H, Dh), *args) if backward else \
+        _static.inspect_launcher(rp.rope3d_fwd, *args)
+    assert b.grid[1:] == [2] and not b.spills and b.resident >= 4, (b.grid, b.n_regs)
+    assert b.ldg[16] == 0 and b.stg[16] == 0 and b.ldg[128] >= 1, (b.ldg, b.stg)
+
+
+@pytest.mark.parametrize("backward", [False, True], ids=["fwd", "bwd"])
+@pytest.mark.parametrize("groups", [1, 2], ids=["q", "q_and_k"])
+def test_rope3d_packed(groups, backward):
+    """A packed pair of 5B videos (13 and 7 latent frames at 768x1360, 226 text tokens each; VARLEN): grid (token
+    blocks of the longer, 2 segments[, 2 groups]), the segment scalars loaded (32-bit), the rows still 16 bytes, no
+    spills, >= 4 programs resident."""
+    from kernels import Segments
+    seg = Segments([226, 226], [(13, 30, 45), (7, 30, 45)], device="meta")
+    H, Dh = 48, 64
+    x = _meta(1, seg.total, 3 * H * Dh).unflatten(-1, (3, H, Dh))[:, :, :groups].flatten(2, 3)
+    w = _meta(Dh) if groups == 1 else _meta(groups, Dh)
+    layout = (seg.cu_seqlens, seg.text_lens_t, seg.grids_t, seg.max_len)
+    args = (x, 0, [0, 0, 0], seg.start_t, seg.step_t, 10000.0, rp.default_axes_dim(Dh), w, w, 1e-6, 0, layout)
+    (b,) = _static.inspect_launcher(rp.rope3d_bwd, _meta(*x.shape), *args) if backward else \
+        _static.inspect_launcher(rp.rope3d_fwd, *args)
+    cfg = rp.rope3d_config(H, Dh, backward)
+    assert b.grid == [-(-seg.max_len // cfg["BLOCK_S"]), 2] + ([groups] if groups > 1 else []), b.grid
+    assert not b.spills and b.resident >= 4, (b.n_regs, b.resident)
+    assert b.ldg[16] == 0 and b.stg[16] == 0 and b.ldg[128] >= 1, (b.ldg, b.stg)
+
+
 def test_expert_adaln_residual_backward():
     """The row vectors are 16-byte copies (LDGSTS, the pipeline's prefetch); the 16-bit loads are the rows' shifts
     x[0], one per row loop (two expert segments)."""

@@ -412,7 +412,10 @@ BAD_INPUTS = {
     "axes_dim_odd": (ValueError, lambda x, w: rope3d(x, 2, (1, 2, 3), axes_dim=(7, 13, 12))),
     "axes_dim_wrong_sum": (ValueError, lambda x, w: rope3d(x, 2, (1, 2, 3), axes_dim=(8, 8, 8))),
     "weight_wrong_shape": (ValueError, lambda x, w: rope3d(x, 2, (1, 2, 3), weight=w[:-2])),
-    "weight_2d": (ValueError, lambda x, w: rope3d(x, 2, (1, 2, 3), weight=w[None])),
+    "weight_3d": (ValueError, lambda x, w: rope3d(x, 2, (1, 2, 3), weight=w[None, None])),
+    "weight_groups_not_dividing_heads": (ValueError, lambda x, w: rope3d(x, 2, (1, 2, 3), weight=w.expand(3, 32))),
+    "weight_groups_wrong_dh": (ValueError, lambda x, w: rope3d(x, 2, (1, 2, 3), weight=w.view(2, 16))),
+    "weight_bias_shapes_differ": (ValueError, lambda x, w: rope3d(x, 2, (1, 2, 3), weight=w.expand(2, 32), bias=w)),
     "weight_int": (TypeError, lambda x, w: rope3d(x, 2, (1, 2, 3), weight=w.long())),
     "bias_other_device": (ValueError, lambda x, w: rope3d(x, 2, (1, 2, 3), bias=w.to("meta"))),
     "start_two_axes": (ValueError, lambda x, w: rope3d(x, 2, (1, 2, 3), start=(0.0, 0.0))),
@@ -625,8 +628,254 @@ def test_offsets_beyond_2_31_elements(tmp_path):
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", (proc.returncode, proc.stderr[-2000:])
 
 
-def _aot_build(backward, H, dtype, norm):
-    """compile_sm90 of one kernel variant at the block sizes and warps the launcher picks (Dh = 64)."""
+# ---- packed sequences (kernels.Segments) ------------------------------------------------------------------------
+
+# Five segments: text + video with fractional positions, one without text, a text-only one (a zero in its grid), an
+# empty one, a one-frame video. Lengths 17, 6, 3, 0, 3: the grid covers the longest, so the shorter segments have
+# idle blocks.
+SEGMENTS = dict(text_lens=[5, 0, 3, 0, 2], grids=[(2, 2, 3), (1, 3, 2), (0, 2, 3), (0, 0, 0), (1, 1, 1)],
+                start=[(0.0, 1.0, 0.5), (0.0, 0.0, 0.0), (0.0, 0.0, 0.0), (0.0, 0.0, 0.0), (2.0, 3.0, 0.25)],
+                step=[(1.0, 0.75, 1.25), (1.0, 1.0, 1.0), (1.0, 1.0, 1.0), (1.0, 1.0, 1.0), (1.0, 0.5, 4.2)])
+
+
+def _segments():
+    from kernels import Segments
+    return Segments(**SEGMENTS)
+
+
+def _alone(fn, x, dy, w, b, seg, **kw):
+    """fn run on each segment alone: (the outputs concatenated, dx concatenated, dweight / dbias summed)."""
+    outs, dxs, dws, dbs = [], [], [], []
+    for (lo, hi), L, g, s0, s1 in zip(seg.ranges(), seg.text_lens, seg.grids, seg.start, seg.step):
+        out, (dx, dw, db) = _run(fn, x[:, lo:hi], dy[:, lo:hi], w, b, (L, g, s0, s1), kw)
+        outs.append(out), dxs.append(dx), dws.append(dw), dbs.append(db)
+    total = [None if d[0] is None else torch.stack([t.float() for t in d]).sum(0) for d in (dws, dbs)]
+    return torch.cat(outs, dim=1), torch.cat(dxs, dim=1), *total
+
+
+@pytest.mark.parametrize("norm", [True, False], ids=["norm", "nonorm"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_packed_equals_each_segment_alone(triton_kernels, monkeypatch, dtype, norm):
+    """rope3d(packed x, segments=) is each segment run alone (the dense kernel), forward and dx bit for bit (every
+    token sees the same arithmetic), dweight / dbias summed over the segments within 1e-5 (fp32 sums in another
+    order); against the fp32 reference by the house rule. Every buffer the launchers allocate starts as NaN: idle
+    blocks of short segments still write their (zero) partial rows."""
+    seg = _segments()
+    x = _x(1, seg.total, 3, 64, dtype, "qkv")
+    w = (1 + 0.3 * torch.randn(64)).to(dtype) if norm else None
+    b = (0.3 * torch.randn(64)).to(dtype) if norm else None
+    dy = torch.randn(1, seg.total, 3, 64).to(dtype)
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+
+    def poison(t):
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: poison(real_empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison(real_empty_like(*a, **k)))
+    out, (dx, dw, db) = _run(rope3d, x, dy, w, b, (None, None), dict(segments=seg))
+    alone = _alone(rope3d, x, dy, w, b, seg)
+    assert out.dtype == dtype and out.is_contiguous() and dx.dtype == dtype
+    assert torch.equal(out, alone[0]) and torch.equal(dx, alone[1])
+    f32 = [None if t is None else t.float() for t in (x, w, b)]
+    ref, ref_grads = _run(rope3d_ref, f32[0], dy.float(), *f32[1:], (None, None), dict(segments=seg))
+    plain = _alone(lambda x, L, g, s0, s1, weight=None, bias=None: _plain(x, L, g, s0, s1, 10000.0, None, weight,
+                                                                          bias, 1e-6), x, dy, w, b, seg)
+    if dtype == torch.float32:
+        plain = [None] * 4
+    for name, g, r, p, a in zip(("out", "dx", "dweight", "dbias"), (out, dx, dw, db), (ref, *ref_grads), plain,
+                                alone):
+        if r is None:
+            assert g is None
+            continue
+        assert_parity(g, r, p, name=name)
+        if name in ("dweight", "dbias"):
+            assert g.dtype == dtype
+            assert_parity(g.float(), a, name=name + " vs alone", rtol=1e-5 if dtype == torch.float32 else 1e-2)
+
+
+def test_packed_compile_fullgraph(triton_kernels):
+    """torch.compile(fullgraph=True) of a packed call: no graph break, one graph, forward and gradients equal to
+    eager."""
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    seg = _segments()
+
+    def f(x, weight=None, bias=None):
+        return rope3d(x, None, None, weight=weight, bias=bias, segments=seg) * 2.0
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    x, dy = _x(1, seg.total, 2, 64, torch.float32, "qkv"), torch.randn(1, seg.total, 2, 64)
+    w, b = torch.randn(64), torch.randn(64)
+    out, grads = _run(compiled, x, dy, w, b, (), {})
+    ref, ref_grads = _run(f, x, dy, w, b, (), {})
+    assert torch.equal(out, ref)
+    for g, r in zip(grads, ref_grads):
+        assert torch.equal(g, r)
+    assert sum(counters["graph_break"].values()) == 0 and counters["stats"]["unique_graphs"] == 1
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("norm", [True, False], ids=["norm", "nonorm"])
+def test_packed_reference_path(monkeypatch, norm):
+    """The op's CPU path with segments (the layout rebuilt from its tensors): forward bit for bit rope3d_ref,
+    backward (pure torch) equal to autograd through rope3d_ref."""
+    monkeypatch.setenv("COGVIDEOX_KERNELS", "torch")
+    seg = _segments()
+    x, dy = _x(1, seg.total, 2, 32, torch.float32, "qkv"), torch.randn(1, seg.total, 2, 32)
+    w, b = (torch.randn(32), torch.randn(32)) if norm else (None, None)
+    kw = dict(axes_dim=(8, 12, 12), segments=seg)
+    out, grads = _run(rope3d, x, dy, w, b, (None, None), kw)
+    ref, ref_grads = _run(rope3d_ref, x, dy, w, b, (None, None), kw)
+    assert torch.equal(out, ref)
+    for g, r in zip(grads, ref_grads):
+        assert (g is None) == (r is None)
+        if g is not None:
+            assert_parity(g, r)
+
+
+def test_packed_backward_deterministic(triton_kernels):
+    seg = _segments()
+    x = _x(1, seg.total, 3, 64, torch.bfloat16, "qkv")
+    w, b = torch.randn(64).bfloat16(), torch.randn(64).bfloat16()
+    dy = torch.randn(1, seg.total, 3, 64).bfloat16()
+    first = _run(rope3d, x, dy, w, b, (None, None), dict(segments=seg))[1]
+    second = _run(rope3d, x, dy, w, b, (None, None), dict(segments=seg))[1]
+    for g1, g2 in zip(first, second):
+        assert torch.equal(g1.view(torch.int16), g2.view(torch.int16))
+
+
+PACKED_ERRORS = {
+    "text_len_given": (ValueError, "text_len and grid must be None", lambda x, s: rope3d(x, 5, None, segments=s)),
+    "grid_given": (ValueError, "text_len and grid must be None", lambda x, s: rope3d(x, None, (2, 2, 3), segments=s)),
+    "start_given": (ValueError, "start must be left at its default",
+                    lambda x, s: rope3d(x, None, None, start=(0.0, 1.0, 0.0), segments=s)),
+    "start_tensor": (ValueError, "start must be left at its default",
+                     lambda x, s: rope3d(x, None, None, start=torch.zeros(3), segments=s)),
+    "step_given": (ValueError, "step must be left at its default",
+                   lambda x, s: rope3d(x, None, None, step=(1.0, 2.0, 1.0), segments=s)),
+    "offset_given": (ValueError, "offset must be None", lambda x, s: rope3d(x, None, None, offset=0, segments=s)),
+    "x_too_short": (ValueError, "packed", lambda x, s: rope3d(x[:, 1:], None, None, segments=s)),
+    "x_batch_2": (ValueError, "packed", lambda x, s: rope3d(x.expand(2, -1, -1, -1), None, None, segments=s)),
+    "segments_not_segments": (TypeError, "kernels.Segments", lambda x, s: rope3d(x, None, None, segments=[5, 12])),
+    "segments_other_device": (ValueError, "segments' tensors are on meta",
+                              lambda x, s: rope3d(x, None, None, segments=s.to("meta"))),
+    "weight_groups": (ValueError, "G dividing the 2 heads",
+                      lambda x, s: rope3d(x, None, None, weight=torch.randn(3, 32), segments=s)),
+}
+
+
+@pytest.mark.parametrize("case", PACKED_ERRORS)
+def test_packed_bad_input(case):
+    error, msg, call = PACKED_ERRORS[case]
+    seg = _segments()
+    with pytest.raises(error, match=re.escape(msg)):
+        call(torch.randn(1, seg.total, 2, 32), seg)
+
+
+# ---- q and k in one launch: (G, Dh) weights ------------------------------------------------------------------------
+
+def _qk(B, S, H, Dh, dtype):
+    """The fused QKV output (B, S, 3 H Dh) and its q+k view (B, S, 2H, Dh): no copy, heads [q_0..q_H-1, k_0..]."""
+    qkv = torch.randn(B, S, 3 * H * Dh).to(dtype)
+    qk = qkv.unflatten(-1, (3, H, Dh))[:, :, :2].flatten(2, 3)
+    assert qk.data_ptr() == qkv.data_ptr() and qk.shape == (B, S, 2 * H, Dh) and not qk.is_contiguous()
+    return qkv, qk
+
+
+@pytest.mark.parametrize("rope", [True, False], ids=["5b_rope", "2b_no_rope"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_grouped_weights_equal_two_calls(triton_kernels, dtype, rope):
+    """q and k through one launch on the strided view of the QKV output, weight / bias torch.stack([norm_q, norm_k])
+    (G = 2): out[:, :, :H] is rope3d(q, norm_q), out[:, :, H:] rope3d(k, norm_k), bit for bit; the gradient reaches
+    qkv (q and k parts as the two calls give, v none) and, through torch.stack, the two LayerNorm weights and
+    biases (1e-5 / the house rule for bf16 against the fp32 reference)."""
+    B, H, Dh, text_len, grid = 2, 3, 64, 4, (2, 2, 2)
+    if not rope:                                   # the 2B: no RoPE, the LayerNorm alone (every token "text")
+        text_len, grid = 12, (0, 0, 0)
+    S = text_len + grid[0] * grid[1] * grid[2]
+    kw = dict(start=(0.0, 0.5, 0.0), step=(1.0, 1.0, 0.75))
+    qkv, _ = _qk(B, S, H, Dh, dtype)
+    params = [((1 + 0.3 * torch.randn(Dh)).to(dtype), (0.3 * torch.randn(Dh)).to(dtype)) for _ in "qk"]
+    dy = torch.randn(B, S, 2 * H, Dh).to(dtype)
+
+    def fused(fn, qkv, wq, bq, wk, bk):
+        qk = qkv.unflatten(-1, (3, H, Dh))[:, :, :2].flatten(2, 3)
+        return fn(qk, text_len, grid, weight=torch.stack([wq, wk]), bias=torch.stack([bq, bk]), **kw)
+
+    def separate(fn, qkv, wq, bq, wk, bk):
+        q, k = qkv.unflatten(-1, (3, H, Dh))[:, :, 0], qkv.unflatten(-1, (3, H, Dh))[:, :, 1]
+        return torch.cat([fn(q, text_len, grid, weight=wq, bias=bq, **kw),
+                          fn(k, text_len, grid, weight=wk, bias=bk, **kw)], dim=2)
+
+    def run(combine, fn, cast):
+        leaves = [cast(t).detach().requires_grad_() for t in (qkv, *params[0], *params[1])]
+        out = combine(fn, *leaves)
+        return out.detach(), torch.autograd.grad(out, leaves, cast(dy))
+
+    out, grads = run(fused, rope3d, lambda t: t)
+    two, two_grads = run(separate, rope3d, lambda t: t)
+    ref, ref_grads = run(fused, rope3d_ref, lambda t: t.float())
+    assert torch.equal(out, two) and torch.equal(grads[0], two_grads[0])
+    assert torch.equal(grads[0].unflatten(-1, (3, -1))[:, :, 2], torch.zeros(B, S, H * Dh, dtype=dtype))
+    sep_ref = run(separate, rope3d_ref, lambda t: t.float())
+    assert_parity(ref, sep_ref[0], name="reference: fused vs separate")
+    plain, plain_grads = None, [None] * 5
+    if dtype != torch.float32:                     # diffusers' two nn.LayerNorm + apply_rotary_emb in bf16
+        def plain_fn(x, L, g, weight, bias, start, step):
+            return _plain(x, L, g, start, step, 10000.0, None, weight, bias, 1e-6)
+        plain, plain_grads = run(separate, plain_fn, lambda t: t)
+    assert_parity(out, ref, plain, name="out")
+    for name, g, t, r, p in zip(("dqkv", "dw_q", "db_q", "dw_k", "db_k"), grads, two_grads, ref_grads,
+                                plain_grads):
+        assert g.dtype == dtype
+        assert_parity(g, r, p, name=name)
+        if name != "dqkv":
+            assert_parity(g.float(), t.float(), name=name + " vs two calls",
+                          rtol=1e-5 if dtype == torch.float32 else 1e-2)
+
+
+def test_grouped_weights_packed(triton_kernels):
+    """Both features at once: the q+k view of a packed QKV output with segments and (2, Dh) weights."""
+    seg, H, Dh = _segments(), 2, 64
+    qkv, qk = _qk(1, seg.total, H, Dh, torch.float32)
+    w, b = 1 + 0.3 * torch.randn(2, Dh), 0.3 * torch.randn(2, Dh)
+    dy = torch.randn(1, seg.total, 2 * H, Dh)
+    out, grads = _run(rope3d, qk, dy, w, b, (None, None), dict(segments=seg))
+    ref, ref_grads = _run(rope3d_ref, qk, dy, w, b, (None, None), dict(segments=seg))
+    assert grads[1].shape == (2, Dh) and grads[2].shape == (2, Dh)
+    assert_parity(out, ref)
+    for g, r in zip(grads, ref_grads):
+        assert_parity(g, r)
+    q_alone = _alone(rope3d, qk[:, :, :H], dy[:, :, :H], w[0], b[0], seg)
+    assert torch.equal(out[:, :, :H], q_alone[0]) and torch.equal(grads[0][:, :, :H], q_alone[1])
+    assert_parity(grads[1][0], q_alone[2]) and assert_parity(grads[2][0], q_alone[3])
+
+
+@pytest.mark.parametrize("kernels", ["triton", "torch"])
+def test_opcheck_packed_and_grouped(monkeypatch, kernels):
+    monkeypatch.setenv("COGVIDEOX_KERNELS", kernels)
+    seg = _segments()
+    x = _x(1, seg.total, 2, 32, torch.float32, "qkv").requires_grad_()
+    w, b = torch.randn(32, requires_grad=True), torch.randn(32, requires_grad=True)
+    layout = (seg.cu_seqlens, seg.text_lens_t, seg.grids_t, seg.max_len)
+    packed = (0, [0, 0, 0], seg.start_t, seg.step_t, 10000.0, [8, 12, 12])
+    op, bwd = torch.ops.cogvideox.rope3d.default, torch.ops.cogvideox.rope3d_bwd.default
+    torch.library.opcheck(op, (x, *packed, w, b, 1e-6, 0, *layout))
+    torch.library.opcheck(op, (x, *packed, None, None, 1e-6, 0, *layout))
+    dy = torch.randn(1, seg.total, 2, 32)
+    torch.library.opcheck(bwd, (dy, x.detach(), *packed, w.detach(), b.detach(), 1e-6, 0, *layout))
+    torch.library.opcheck(bwd, (dy, None, *packed, None, None, 1e-6, 0, *layout))
+    # (G, Dh) = (2, 32) weights over 4 heads, dense
+    xg = _x(1, 2 + 6, 4, 32, torch.float32, "qkv").requires_grad_()
+    wg, bg = torch.randn(2, 32, requires_grad=True), torch.randn(2, 32, requires_grad=True)
+    dense = (2, [1, 2, 3], torch.tensor([0.0, 0.5, 0.0]), torch.tensor([1.0, 1.0, 0.75]), 10000.0, [8, 12, 12])
+    torch.library.opcheck(op, (xg, *dense, wg, bg, 1e-6))
+    torch.library.opcheck(bwd, (torch.randn(1, 8, 4, 32), xg.detach(), *dense, wg.detach(), None, 1e-6))
+
+
+def _aot_build(backward, H, dtype, norm, groups=1, varlen=0):
+    """compile_sm90 of one kernel variant at the block sizes and warps the launcher picks (Dh = 64). H: the heads
+    of one weight row (the launcher's H // G)."""
     kernel = R._rope3d_bwd_kernel if backward else R._rope3d_fwd_kernel
     cfg = R.rope3d_config(H, 64, backward=backward)
     ptrs = ("DY", "X", "W", "DX") if backward else ("X", "W", "Bias", "OUT")
@@ -634,9 +883,10 @@ def _aot_build(backward, H, dtype, norm):
     sig.update({n: "*" + dtype for n in ptrs})
     sig.update({n: "*fp32" for n in ("DW_PART", "DB_PART") if backward})
     sig.update({"START": "*fp32", "STEP": "*fp32"})
+    sig.update({n: "*i32" if varlen else "*fp32" for n in ("CU", "TEXT", "GRIDS")})   # dense: a dummy, unread
     sig.update({n: "i32" for n in ("B", "S", "H", "sxb", "sxs", "sxh", "text_len", "offset", "Hg", "Wg")})
     sig.update({n: "fp32" for n in ("log2_theta", "eps")})
-    const = dict(HEAD_DIM=64, DT=16, DH=24, NORM=norm, HAS_W=norm, HAS_B=norm,
+    const = dict(HEAD_DIM=64, DT=16, DH=24, NORM=norm, HAS_W=norm, HAS_B=norm, GROUPS=groups, VARLEN=varlen,
                  BLOCK_S=cfg["BLOCK_S"], BLOCK_H=cfg["BLOCK_H"], BLOCK_D=cfg["BLOCK_D"])
     # what the JIT specializes at CogVideoX shapes: 16-byte aligned buffers, strides that are multiples of 16
     # (not STEP: the model passes the rows of one (2, 3) positions tensor, STEP 12 bytes in)
@@ -646,20 +896,23 @@ def _aot_build(backward, H, dtype, norm):
             "offset_mul_types": re.findall(r"%(?:x_off|out_off|row_off)\w* = arith\.muli [^:]*: (\S+)", info.ttir)}
 
 
+# dtype, norm, GROUPS, VARLEN: the dense q or k call, q and k in one call (G = 2), a packed sequence
+AOT_VARIANTS = [("bf16", 1, 1, 0), ("bf16", 0, 1, 0), ("fp32", 1, 1, 0), ("bf16", 1, 2, 0), ("bf16", 1, 1, 1)]
+
+
 @pytest.fixture(scope="module")
 def aot_builds():
     pytest.importorskip("triton.backends.nvidia", reason="triton's NVIDIA backend is needed for the AOT build")
-    return {f"{b}-{H}-{dt}-{n}": _aot_build(b, H, dt, n) for b in (0, 1) for H in (30, 48)
-            for dt, n in (("bf16", 1), ("bf16", 0), ("fp32", 1))}
+    return {f"{b}-{H}-{v}": _aot_build(b, H, *v) for b in (0, 1) for H in (30, 48) for v in AOT_VARIANTS}
 
 
 @pytest.mark.parametrize("H", [30, 48], ids=["2b", "5b"])
 @pytest.mark.parametrize("backward", [0, 1], ids=["fwd", "bwd"])
 def test_aot_sm90_no_spills_and_64bit_offsets(aot_builds, H, backward):
-    for dtype, norm in (("bf16", 1), ("bf16", 0), ("fp32", 1)):
-        info = aot_builds[f"{backward}-{H}-{dtype}-{norm}"]
-        assert not info["spills"], f"{dtype} norm={norm}: {info}"
-        assert info["n_regs"] <= 128, f"{dtype} norm={norm}: {info}: occupancy too low for a memory-bound kernel"
+    for v in AOT_VARIANTS:
+        info = aot_builds[f"{backward}-{H}-{v}"]
+        assert not info["spills"], f"{v}: {info}"
+        assert info["n_regs"] <= 128, f"{v}: {info}: occupancy too low for a memory-bound kernel"
         # indices are widened before they meet a stride: every multiply building an x / out / dy / dx offset is i64
         types = info["offset_mul_types"]
         assert types and all(t in ("i64",) or t.endswith("xi64>") for t in types), types

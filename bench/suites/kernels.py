@@ -358,6 +358,16 @@ def static_cases(models=("2b", "5b")) -> list[tuple]:
                  nb["fwd"]),
                 ("rope3d", tag, "bwd", rp.rope3d_bwd,
                  (_meta(B, S, H, Dh), q, L, grid, start, step, 10000.0, axes, wq, wq, 1e-6), nb["bwd"])]
+        # q and k in one launch: the (B, S, 2H, Dh) view of both, (2, Dh) weights (norm_q, norm_k stacked); bytes
+        # those of 2H heads plus the second weight / bias row (read twice forward, read + two written backward)
+        qk, wqk = _meta(B, S, 3 * H * Dh).unflatten(-1, (3, H, Dh))[:, :, :2].flatten(2, 3), _meta(2, Dh)
+        nb = flops.rope3d_bytes(B, S, 2 * H, Dh)
+        tag = f"{m} {B}x{S}x{2 * H}x{Dh} qk-view"
+        out += [("rope3d", tag, "fwd", rp.rope3d_fwd, (qk, L, grid, start, step, 10000.0, axes, wqk, wqk, 1e-6),
+                 nb["fwd"] + 2 * Dh * 2),
+                ("rope3d", tag, "bwd", rp.rope3d_bwd,
+                 (_meta(B, S, 2 * H, Dh), qk, L, grid, start, step, 10000.0, axes, wqk, wqk, 1e-6),
+                 nb["bwd"] + 3 * Dh * 2)]
     for shape, groups in (((1, 128, 9, 480, 720), 32), ((1, 512, 3, 60, 90), 32)):
         Bv, C, T, Hv, Wv = shape
         ph = VAE_PAD_HW
