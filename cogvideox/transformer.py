@@ -205,27 +205,23 @@ class Attention(nn.Module):
         offset: h is the shard of the joint sequence starting at that token (context parallelism).
         segments: h is a packed (1, N, D) sequence (kernels.Segments), each segment rotated by its own grid and
         positions (held by the segments; rope is then only "RoPE or not")."""
-        q, k, v = self.to_qkv(h).unflatten(-1, (3, self.heads, -1)).unbind(2)
+        qkv = self.to_qkv(h).unflatten(-1, (3, self.heads, -1))                # (B, S, 3, H, Dh)
+        # q and k in ONE rope3d launch: their slices of the QKV output are one strided (B, S, 2H, Dh) view (the
+        # dims (2, H) merge), heads [0, H) normed with norm_q's affine, [H, 2H) with norm_k's ((2, Dh) weights).
+        qk, v = qkv[:, :, :2].flatten(2, 3), qkv[:, :, 2]
+        affine = dict(weight=torch.stack([self.norm_q.weight, self.norm_k.weight]),
+                      bias=torch.stack([self.norm_q.bias, self.norm_k.bias]), eps=self.norm_q.eps)
         if rope is None:
             # No RoPE (2B): the q/k LayerNorm alone, through rope3d with every token "text" (nothing rotates): one
-            # pass over the strided q / k slices of the QKV output, where torch's LayerNorm would first copy them
-            # contiguous. Its output is in q's dtype, also under autocast (as v, which SDPA needs).
-            none = (torch.zeros(3, device=q.device),) * 2   # start, step: unused without vision tokens
-            return (ops.rope3d(q, q.shape[1], (0, 0, 0), *none, weight=self.norm_q.weight, bias=self.norm_q.bias,
-                               eps=self.norm_q.eps),
-                    ops.rope3d(k, k.shape[1], (0, 0, 0), *none, weight=self.norm_k.weight, bias=self.norm_k.bias,
-                               eps=self.norm_k.eps), v)
-        if segments is not None:
-            q = ops.rope3d(q, None, None, weight=self.norm_q.weight, bias=self.norm_q.bias, eps=self.norm_q.eps,
-                           segments=segments)
-            k = ops.rope3d(k, None, None, weight=self.norm_k.weight, bias=self.norm_k.bias, eps=self.norm_k.eps,
-                           segments=segments)
-            return q, k, v
-        start, step = rope
-        q = ops.rope3d(q, text_len, grid, start, step, weight=self.norm_q.weight, bias=self.norm_q.bias,
-                       eps=self.norm_q.eps, offset=offset)
-        k = ops.rope3d(k, text_len, grid, start, step, weight=self.norm_k.weight, bias=self.norm_k.bias,
-                       eps=self.norm_k.eps, offset=offset)
+            # pass over the strided slices, where torch's LayerNorm would first copy them contiguous. Its output
+            # is in the input's dtype, also under autocast (as v, which SDPA needs).
+            none = torch.zeros(3, device=qk.device)    # start, step: unused without vision tokens
+            qk = ops.rope3d(qk, qk.shape[1], (0, 0, 0), none, none, **affine)
+        elif segments is not None:
+            qk = ops.rope3d(qk, None, None, segments=segments, **affine)
+        else:
+            qk = ops.rope3d(qk, text_len, grid, *rope, offset=offset, **affine)
+        q, k = qk.unflatten(2, (2, self.heads)).unbind(2)                      # (B, S, H, Dh) each
         return q, k, v
 
     def forward(self, h, text_len, grid, rope, ops, offset=None, seq_len=None, parallel=None, segments=None):

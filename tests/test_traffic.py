@@ -23,8 +23,8 @@ def test_block_meets_the_eager_traffic_target(model):
     (read and write q and k: 4 units) = 12. The separate GELU adds 8 (read and write 4D)."""
     fused = block_traffic(model)
     assert fused["memory_bound"] <= 12.01, fused
-    assert set(fused["ops"]) <= {"cogvideox::expert_adaln_residual", "cogvideox::rope3d", "aten::silu",
-                                 "aten::zeros"}, fused["ops"]
+    big = {op for op, units in fused["ops"].items() if units > 0.01}   # silu of emb, the stacked q/k affine: tiny
+    assert big == {"cogvideox::expert_adaln_residual", "cogvideox::rope3d"}, fused["ops"]
     plain = block_traffic(model, gelu_epilogue=False)
     assert plain["ops"]["aten::gelu"] == pytest.approx(8.0)
     assert plain["memory_bound"] == pytest.approx(fused["memory_bound"] + 8.0)
