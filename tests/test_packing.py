@@ -181,8 +181,12 @@ def test_segments_layout_and_errors():
     assert seg.lengths == (7, 6) and seg.offsets == (0, 7, 13) and seg.max_len == 7
     assert seg.cu_seqlens.tolist() == [0, 7, 13] and seg.cu_seqlens.dtype == torch.int32
     assert seg.grids_t.tolist() == [[1, 2, 2], [2, 1, 3]] and seg.step_t[1].tolist() == [1, 0.5, 0.5]
-    with pytest.raises(ValueError, match="at least one token"):
-        kernels.Segments([0], [(0, 1, 1)])
+    empty = kernels.Segments([2, 0, 1], [(1, 1, 1), (0, 1, 1), (1, 1, 2)])   # an empty segment is allowed
+    assert empty.lengths == (3, 0, 3) and empty.offsets == (0, 3, 3, 6)
+    q = torch.randn(1, 6, 2, 8)
+    out = attention(q, q, q, segments=empty)
+    ref = torch.cat([attention(q[:, a:b], q[:, a:b], q[:, a:b]) for a, b in ((0, 3), (3, 6))], dim=1)
+    assert _rel(out, ref) <= 1e-6
     with pytest.raises(ValueError, match="one \\(T, Hg, Wg\\) per segment"):
         kernels.Segments([1, 2], [(1, 1, 1)])
     with pytest.raises(ValueError, match="ints >= 0"):
