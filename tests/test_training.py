@@ -430,13 +430,27 @@ def test_train_cli_fits_saves_for_diffusers_and_resumes_bit_exactly(tmp_path):
     assert [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()][-2:] == [12, 13]
 
 
+def _assert_resumed_bit_exactly(run, resumed, log, resumed_at, steps):
+    """The resumed run's log equals the original's from step resumed_at + 1 on (timings aside), and the final
+    checkpoints' weights are bitwise equal."""
+    import json
+
+    from safetensors.torch import load_file
+
+    log2 = [json.loads(line) for line in (resumed / "log.jsonl").read_text().splitlines()]
+    assert ([{k: v for k, v in r.items() if k != "seconds"} for r in log2]
+            == [{k: v for k, v in r.items() if k != "seconds"} for r in log[resumed_at:]])
+    name = f"checkpoint-{steps:06d}/transformer/diffusion_pytorch_model.safetensors"
+    a, b = load_file(str(run / name)), load_file(str(resumed / name))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_train_cli_stages_and_buckets_resume_bit_exactly(tmp_path, capsys):
     """Two latents shapes (32x48 pixels, 5 frames; 64x96, 9 frames) under --stages: stage 0 trains on the small
     bucket only, stage 1 on both; log.jsonl names each step's stage and shape; a resume from step 2 (inside stage
     0) reproduces steps 3..6 across the stage boundary, log and weights bit for bit."""
     import json
 
-    from safetensors.torch import load_file
 
     data = make_dataset(tmp_path / "data", n=4)
     make_dataset(data, n=2, seed=1, frames=3, h=8, w=12, prefix="big")
@@ -450,12 +464,7 @@ def test_train_cli_stages_and_buckets_resume_bit_exactly(tmp_path, capsys):
     assert all(len(r["timesteps"]) == 2 and math.isfinite(r["loss"]) for r in log)
 
     assert _cli(*flags, "--out", tmp_path / "resumed", "--resume", tmp_path / "run" / "checkpoint-000002") == 0
-    log2 = [json.loads(line) for line in (tmp_path / "resumed" / "log.jsonl").read_text().splitlines()]
-    assert ([{k: v for k, v in r.items() if k != "seconds"} for r in log2]
-            == [{k: v for k, v in r.items() if k != "seconds"} for r in log[2:]])
-    name = "checkpoint-000006/transformer/diffusion_pytorch_model.safetensors"
-    a, b = load_file(str(tmp_path / "run" / name)), load_file(str(tmp_path / "resumed" / name))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    _assert_resumed_bit_exactly(tmp_path / "run", tmp_path / "resumed", log, resumed_at=2, steps=6)
     # another schedule would be another data order: refused
     assert _cli(*TRAIN, "--data", data, "--batch-size", 2, "--stages", "2:32x48x5,4:64x96x9", "--steps", 6,
                 "--out", tmp_path / "other", "--resume", tmp_path / "run" / "checkpoint-000002") == 1
@@ -467,7 +476,6 @@ def test_train_cli_pack_mixes_shapes_in_one_step_and_resumes(tmp_path):
     lengths in one packed sequence; the loss is finite; a resume reproduces the run bit for bit."""
     import json
 
-    from safetensors.torch import load_file
 
     data = make_dataset(tmp_path / "data", n=2)
     make_dataset(data, n=2, seed=1, frames=3, h=8, w=12, L=3, prefix="big")
@@ -479,12 +487,7 @@ def test_train_cli_pack_mixes_shapes_in_one_step_and_resumes(tmp_path):
         assert sorted(map(tuple, r["shape"])) == [(2, 4, 4, 6)] * 2 + [(3, 4, 8, 12)] * 2   # the whole set a step
         assert len(r["timesteps"]) == 4 and math.isfinite(r["loss"])
     assert _cli(*flags, "--out", tmp_path / "resumed", "--resume", tmp_path / "run" / "checkpoint-000001") == 0
-    log2 = [json.loads(line) for line in (tmp_path / "resumed" / "log.jsonl").read_text().splitlines()]
-    assert ([{k: v for k, v in r.items() if k != "seconds"} for r in log2]
-            == [{k: v for k, v in r.items() if k != "seconds"} for r in log[1:]])
-    name = "checkpoint-000003/transformer/diffusion_pytorch_model.safetensors"
-    a, b = load_file(str(tmp_path / "run" / name)), load_file(str(tmp_path / "resumed" / name))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    _assert_resumed_bit_exactly(tmp_path / "run", tmp_path / "resumed", log, resumed_at=1, steps=3)
 
 
 @pytest.mark.parametrize("flags", [("--autocast", "bf16"), ("--dtype", "bf16"), ("--loss", "v-mse", "--timesteps",
