@@ -313,6 +313,8 @@ def _resolve_varlen(backend: Optional[str], device: torch.device, dtype: torch.d
                                         f"dim {head_dim}: {reasons[backend]}\nall backends:\n{_report(reasons)}")
         return backend
     key = ("varlen", device, dtype, head_dim, torch.is_grad_enabled())
+    if device.type != "cuda":   # eager FlexAttention holds the (N, N) scores: on CPU only when asked by name
+        reasons["flex"] = reasons["flex"] or "on CPU FlexAttention runs eagerly (the full score matrix): by name only"
     if key not in _CHOSEN:
         _CHOSEN[key] = next(n for n, r in reasons.items() if r is None)   # sdpa-per-segment runs everywhere
         log.info("packed-attention backend for %s %s head_dim %d: %s", device, dtype, head_dim, _CHOSEN[key])

@@ -227,3 +227,21 @@ def test_packed_train_step_equals_the_unpacked_batch():
     r = training.train_step(model, {"latents": latents, "prompt_embeds": text}, opt, table,
                             generator=torch.Generator().manual_seed(0))
     assert r.timesteps.shape == (3,) and r.loss > 0
+
+
+def test_compile_blocks_packed_no_graph_break():
+    """compile_blocks (fullgraph=True) on a packed forward: no graph break, the same outputs. Each new packing
+    layout is a new graph (the layout's sizes are guarded constants): README, frame packing."""
+    from torch._dynamo.utils import counters
+
+    from cogvideox.transformer import compile_blocks
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = _model("5b", use_kernels=False)
+    latents, text, t = _videos(model, VIDEOS["5b"])
+    with torch.no_grad():
+        ref = model(latents, text, t)
+        out = compile_blocks(model, backend="eager")(latents, text, t)
+    assert not counters["graph_break"]
+    assert all(torch.equal(a, b) for a, b in zip(out, ref))
