@@ -21,6 +21,7 @@ setup(
         "test": [
             "pytest",
             "pytest-benchmark",
+            "pytest-xdist",
             "diffusers==0.42.1",
             "transformers",
             "sentencepiece",
