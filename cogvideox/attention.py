@@ -189,35 +189,46 @@ PREFERENCE = ("flash-attn-3", "sdpa-cudnn", "flash-attn-2", "sdpa-flash", "flash
 _CHOSEN: dict[tuple, str] = {}  # (device, dtype, head_dim) -> backend picked by backend=None, logged once
 
 
-def _reasons(device: torch.device, dtype: torch.dtype, head_dim: int) -> dict[str, Optional[str]]:
-    return {name: BACKENDS[name].unavailable(device, dtype, head_dim) for name in PREFERENCE}
+def _reasons(device: torch.device, dtype: torch.dtype, head_dim: int, registry: dict = BACKENDS,
+             order: tuple = PREFERENCE) -> dict[str, Optional[str]]:
+    return {name: registry[name].unavailable(device, dtype, head_dim) for name in order}
 
 
 def _report(reasons: dict[str, Optional[str]]) -> str:
     return "\n".join(f"  {n}: {r or 'available'}" for n, r in reasons.items())
 
 
+def _choose(what: str, registry: dict, order: tuple, backend: Optional[str], device: torch.device,
+            dtype: torch.dtype, head_dim: int, key: tuple, veto=None) -> str:
+    """The backend of `registry` to run: `backend` when forced (AttentionBackendError if unknown or unable, with
+    every backend's reason), else the first of `order` that can run, chosen once per `key` and logged. Only an
+    uncached choice asks every backend (a forced one asks its own), so the eager hot path stays a dict lookup.
+    veto(name): a reason to pass over a backend in the automatic choice only (None: no veto)."""
+    if backend is not None:
+        if backend not in registry:
+            raise AttentionBackendError(f"unknown {what} backend {backend!r}; known: {', '.join(order)}")
+        reason = registry[backend].unavailable(device, dtype, head_dim)
+        if reason is not None:
+            raise AttentionBackendError(
+                f"{what} backend {backend!r} cannot run on {device} {dtype} head dim {head_dim}: {reason}\n"
+                f"all backends:\n{_report(_reasons(device, dtype, head_dim, registry, order))}")
+        return backend
+    if key not in _CHOSEN:
+        reasons = _reasons(device, dtype, head_dim, registry, order)
+        if veto is not None:
+            reasons = {n: r or veto(n) for n, r in reasons.items()}
+        ok = [n for n, r in reasons.items() if r is None]
+        if not ok:  # cannot happen for float inputs: sdpa (sdpa-per-segment) runs everywhere
+            raise AttentionBackendError(f"no {what} backend can run on {device} {dtype}:\n{_report(reasons)}")
+        _CHOSEN[key] = ok[0]
+        log.info("%s backend for %s %s head_dim %d: %s", what, device, dtype, head_dim, ok[0])
+    return _CHOSEN[key]
+
+
 @torch.compiler.assume_constant_result
 def _resolve(backend: Optional[str], device: torch.device, dtype: torch.dtype, head_dim: int) -> str:
     # Runs eagerly even under torch.compile (assume_constant_result), so logging and the cache are fine here.
-    if backend is not None:
-        if backend not in BACKENDS:
-            raise AttentionBackendError(f"unknown attention backend {backend!r}; known: {', '.join(PREFERENCE)}")
-        reason = BACKENDS[backend].unavailable(device, dtype, head_dim)
-        if reason is not None:
-            raise AttentionBackendError(
-                f"attention backend {backend!r} cannot run on {device} {dtype} head dim {head_dim}: {reason}\n"
-                f"all backends:\n{_report(_reasons(device, dtype, head_dim))}")
-        return backend
-    key = (device, dtype, head_dim)
-    if key not in _CHOSEN:
-        reasons = _reasons(device, dtype, head_dim)
-        ok = [n for n, r in reasons.items() if r is None]
-        if not ok:  # cannot happen for float inputs: sdpa runs everywhere
-            raise AttentionBackendError(f"no attention backend can run on {device} {dtype}:\n{_report(reasons)}")
-        _CHOSEN[key] = ok[0]
-        log.info("attention backend for %s %s head_dim %d: %s", device, dtype, head_dim, ok[0])
-    return _CHOSEN[key]
+    return _choose("attention", BACKENDS, PREFERENCE, backend, device, dtype, head_dim, (device, dtype, head_dim))
 
 
 def available_backends(q: torch.Tensor) -> list[str]:
@@ -303,22 +314,14 @@ VARLEN_PREFERENCE = ("flash-attn-3", "flash-attn-2", "sdpa-varlen", "flex", "sdp
 @torch.compiler.assume_constant_result
 def _resolve_varlen(backend: Optional[str], device: torch.device, dtype: torch.dtype, head_dim: int) -> str:
     # as _resolve: eager even under torch.compile, a constant of the graph
-    reasons = {n: VARLEN_BACKENDS[n].unavailable(device, dtype, head_dim) for n in VARLEN_PREFERENCE}
-    if backend is not None:
-        if backend not in VARLEN_BACKENDS:
-            raise AttentionBackendError(f"unknown packed-attention backend {backend!r}; known: "
-                                        f"{', '.join(VARLEN_PREFERENCE)}")
-        if reasons[backend] is not None:
-            raise AttentionBackendError(f"packed-attention backend {backend!r} cannot run on {device} {dtype} head "
-                                        f"dim {head_dim}: {reasons[backend]}\nall backends:\n{_report(reasons)}")
-        return backend
-    key = ("varlen", device, dtype, head_dim, torch.is_grad_enabled())
-    if device.type != "cuda":   # eager FlexAttention holds the (N, N) scores: on CPU only when asked by name
-        reasons["flex"] = reasons["flex"] or "on CPU FlexAttention runs eagerly (the full score matrix): by name only"
-    if key not in _CHOSEN:
-        _CHOSEN[key] = next(n for n, r in reasons.items() if r is None)   # sdpa-per-segment runs everywhere
-        log.info("packed-attention backend for %s %s head_dim %d: %s", device, dtype, head_dim, _CHOSEN[key])
-    return _CHOSEN[key]
+
+    def veto(name):   # eager FlexAttention holds the (N, N) scores: on CPU only when asked by name
+        if name == "flex" and device.type != "cuda":
+            return "on CPU FlexAttention runs eagerly (the full score matrix): by name only"
+        return None
+
+    return _choose("packed-attention", VARLEN_BACKENDS, VARLEN_PREFERENCE, backend, device, dtype, head_dim,
+                   ("varlen", device, dtype, head_dim, torch.is_grad_enabled()), veto)
 
 
 def packed_attention(q, k, v, segments, backend: str | None = None) -> torch.Tensor:
