@@ -413,14 +413,12 @@ class CogVideoXTransformer(nn.Module):
         timestep, ofs = self._check_inputs(latents, text, timestep, ofs)
         if parallel is not None and self.attention_layout != "3d":
             raise ValueError("context parallelism supports attention_layout '3d' (the 2d+1d ablation runs on one rank)")
-        ops = KERNEL_OPS if (latents.is_cuda if self.use_kernels is None else self.use_kernels) else REFERENCE_OPS
+        ops = self._ops(latents.device)
         B, Fr, _, H, W = latents.shape
         p, pt, L = cfg.patch_size, cfg.patch_size_t or 1, text.shape[1]
         grid = (Fr // pt, H // p, W // p)
         S = L + grid[0] * grid[1] * grid[2]
-        emb = self.time_embedding(timestep_sincos(timestep, cfg.inner_dim).to(latents.dtype))   # (B, E_t)
-        if self.ofs_embedding is not None:
-            emb = emb + self.ofs_embedding(timestep_sincos(ofs, cfg.ofs_embed_dim).to(latents.dtype))
+        emb = self._embed_time(timestep, ofs, latents.dtype)                  # (B, E_t)
         patches = patchify(latents, p, pt)                                      # (B, N, C_in * patch_dim)
         start, stop = parallel.shard_range(S) if parallel is not None else (0, S)
         # The split, before the (per-token) embedding: this rank's rows [start, stop) of [text | vision].
@@ -432,28 +430,13 @@ class CogVideoXTransformer(nn.Module):
             # As tensors, built here once (one host-to-device copy), outside the blocks: compiled blocks then take
             # the positions as data, and 1.0's fractional positions, new at every aspect ratio, do not recompile.
             rope = rope3d_positions(*rope_positions(cfg, grid), device=latents.device)   # (3,), (3,) fp32
-        k = self.checkpointing if torch.is_grad_enabled() else 0
-        residual = None
-        for i, block in enumerate(self.transformer_blocks):
-            args = (x, emb, L, grid, rope, ops, start, S, parallel, residual)
-            x, residual = checkpoint(block, *args, use_reentrant=False) if k and i % k == 0 else block(*args)
-        # The last block's residual and norm_final in one pass, on the vision rows only (the text stream is
-        # discarded): expert_adaln_residual with zero modulation is LN(x + gate * y) with norm_final's affine.
+        x, residual = self._blocks(x, emb, L, grid, rope, ops, offset=start, seq_len=S, parallel=parallel)
+        # The head on the vision rows only (the text stream is discarded).
         v0 = max(L - start, 0)                                                  # first vision row of the shard
-        if residual is None:                                                    # a model with no blocks
-            x = self.norm_final(x[:, v0:])
-        else:
-            zero = residual.gate.new_zeros(residual.gate.shape)
-            _, x = ops.expert_adaln_residual(x[:, v0:], residual.y[:, v0:], residual.gate, zero, zero, L,
-                                             offset=start + v0, weight=self.norm_final.weight,
-                                             bias=self.norm_final.bias, eps=self.norm_final.eps)   # (B, n, D)
-        shift, scale = self.norm_out.linear(F.silu(emb)).unflatten(1, (2, 1, -1)).unbind(1)   # (B, 1, D) each
-        # The modulation in x's dtype: the residual stream's, or fp32 from norm_final under CUDA autocast when the
-        # model has no blocks (the Linear gives bf16 there).
-        shift, scale = shift.to(x.dtype), scale.to(x.dtype)
-        x = ops.expert_adaln(x, shift, scale, 0, weight=self.norm_out.norm.weight, bias=self.norm_out.norm.bias,
-                             eps=self.norm_out.norm.eps)
-        x = self.proj_out(x)                                                    # (B, n, C_out * patch_dim)
+        if residual is not None:
+            residual = Residual(residual.y[:, v0:], residual.gate)
+        x = self._norm_final(x[:, v0:], residual, ops, L, offset=start + v0)  # (B, n, D)
+        x = self._norm_out(x, emb, ops, 0)                                      # (B, n, C_out * patch_dim)
         if parallel is not None:   # the gather: every rank's vision rows, in order
             ranges = cp.shard_ranges(S, parallel.settings.seq)
             x = cp.gather(x, parallel, [max(b - max(a, L), 0) for a, b in ranges])
@@ -495,8 +478,7 @@ class CogVideoXTransformer(nn.Module):
         device, dtype = latents[0].device, latents[0].dtype
         if any(lat.device != device for lat in latents):
             raise ValueError("packed videos must all be on one device")
-        ops = KERNEL_OPS if (device.type == "cuda" if self.use_kernels is None else self.use_kernels) \
-            else REFERENCE_OPS
+        ops = self._ops(device)
         rope, start, step = None, None, None
         if cfg.use_rotary_positional_embeddings:
             positions = [rope_positions(cfg, g) for g in grids]
@@ -505,30 +487,60 @@ class CogVideoXTransformer(nn.Module):
         segments = kernels.Segments(text_lens, grids, start, step, device=device)
         x = self.embedding_dropout(torch.cat(pieces, dim=1))                   # (1, N, D)
         t = torch.cat([t_i for t_i, _ in steps])                               # (n,)
-        emb = self.time_embedding(timestep_sincos(t, cfg.inner_dim).to(dtype))  # (n, E_t): one row per video
-        if self.ofs_embedding is not None:
-            o = torch.cat([o_i.expand(1) for _, o_i in steps])
-            emb = emb + self.ofs_embedding(timestep_sincos(o, cfg.ofs_embed_dim).to(dtype))
-        k = self.checkpointing if torch.is_grad_enabled() else 0
-        residual = None
-        for i, block in enumerate(self.transformer_blocks):
-            args = (x, emb, None, None, rope, ops, 0, None, None, residual, segments)
-            x, residual = checkpoint(block, *args, use_reentrant=False) if k and i % k == 0 else block(*args)
-        if residual is not None:   # as in forward: the last residual and norm_final in one pass (all rows here)
-            zero = residual.gate.new_zeros(residual.gate.shape)
-            _, x = ops.expert_adaln_residual(x, residual.y, residual.gate, zero, zero, None,
-                                             weight=self.norm_final.weight, bias=self.norm_final.bias,
-                                             eps=self.norm_final.eps, segments=segments)
-        else:
-            x = self.norm_final(x)
+        o = None if self.ofs_embedding is None else torch.cat([o_i.expand(1) for _, o_i in steps])
+        emb = self._embed_time(t, o, dtype)                                    # (n, E_t): one row per video
+        x, residual = self._blocks(x, emb, None, None, rope, ops, segments=segments)
+        x = self._norm_final(x, residual, ops, None, segments=segments)       # all rows: per-row, as forward's
         # The head on the vision rows only: each video's, end to end, as segments without text.
         x = torch.cat([x[:, a + L:b] for (a, b), L in zip(segments.ranges(), text_lens)], dim=1)   # (1, N_v, D)
         vision = kernels.Segments([0] * n, grids, device=device)
-        shift, scale = self.norm_out.linear(F.silu(emb)).unflatten(1, (2, 1, -1)).unbind(1)   # (n, 1, D) each
-        x = ops.expert_adaln(x, shift.to(x.dtype), scale.to(x.dtype), None, weight=self.norm_out.norm.weight,
-                             bias=self.norm_out.norm.bias, eps=self.norm_out.norm.eps, segments=vision)
-        x = self.proj_out(x)                                                    # (1, N_v, C_out * patch_dim)
+        x = self._norm_out(x, emb, ops, None, segments=vision)                 # (1, N_v, C_out * patch_dim)
         return [unpatchify(x[:, a:b], g, p, pt)[0] for (a, b), g in zip(vision.ranges(), grids)]
+
+    def _ops(self, device: torch.device) -> Ops:
+        """The fused kernels or their pure-torch references, as use_kernels says (None: kernels on CUDA)."""
+        use = device.type == "cuda" if self.use_kernels is None else self.use_kernels
+        return KERNEL_OPS if use else REFERENCE_OPS
+
+    def _embed_time(self, timestep, ofs, dtype) -> torch.Tensor:
+        """(B,) timesteps, and ofs for 1.5-I2V -> (B, time_embed_dim): one row per sample (packed: per video)."""
+        cfg = self.config
+        emb = self.time_embedding(timestep_sincos(timestep, cfg.inner_dim).to(dtype))
+        if self.ofs_embedding is not None:
+            emb = emb + self.ofs_embedding(timestep_sincos(ofs, cfg.ofs_embed_dim).to(dtype))
+        return emb
+
+    def _blocks(self, x, emb, text_len, grid, rope, ops, **layout) -> tuple:
+        """Every block in turn, every k-th checkpointed while grad is enabled (self.checkpointing = k) -> (x, the
+        last block's pending Residual, None without blocks). layout: CogVideoXBlock's offset / seq_len / parallel
+        (context parallelism) or segments (packing)."""
+        k = self.checkpointing if torch.is_grad_enabled() else 0
+        residual = None
+        for i, block in enumerate(self.transformer_blocks):
+            args, kwargs = (x, emb, text_len, grid, rope, ops), dict(layout, residual=residual)
+            x, residual = (checkpoint(block, *args, use_reentrant=False, **kwargs) if k and i % k == 0
+                           else block(*args, **kwargs))
+        return x, residual
+
+    def _norm_final(self, x, residual, ops, text_len, **layout) -> torch.Tensor:
+        """The last block's pending residual and norm_final in one pass: expert_adaln_residual with zero modulation
+        is LN(x + gate * y) with norm_final's affine. layout: offset, or segments."""
+        if residual is None:                                                    # a model with no blocks
+            return self.norm_final(x)
+        zero = residual.gate.new_zeros(residual.gate.shape)
+        return ops.expert_adaln_residual(x, residual.y, residual.gate, zero, zero, text_len,
+                                         weight=self.norm_final.weight, bias=self.norm_final.bias,
+                                         eps=self.norm_final.eps, **layout)[1]
+
+    def _norm_out(self, x, emb, ops, text_len, **layout) -> torch.Tensor:
+        """norm_out's AdaLN (one expert: shift and scale per sample, or per video with segments), then proj_out:
+        (B, n, D) vision rows -> (B, n, C_out * patch_dim)."""
+        shift, scale = self.norm_out.linear(F.silu(emb)).unflatten(1, (2, 1, -1)).unbind(1)   # (B, 1, D) each
+        # The modulation in x's dtype: the residual stream's, or fp32 from norm_final under CUDA autocast when the
+        # model has no blocks (the Linear gives bf16 there).
+        x = ops.expert_adaln(x, shift.to(x.dtype), scale.to(x.dtype), text_len, weight=self.norm_out.norm.weight,
+                             bias=self.norm_out.norm.bias, eps=self.norm_out.norm.eps, **layout)
+        return self.proj_out(x)
 
     def _check_inputs(self, latents, text, timestep, ofs):
         cfg = self.config
