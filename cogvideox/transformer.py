@@ -510,16 +510,16 @@ class CogVideoXTransformer(nn.Module):
             emb = emb + self.ofs_embedding(timestep_sincos(ofs, cfg.ofs_embed_dim).to(dtype))
         return emb
 
-    def _blocks(self, x, emb, text_len, grid, rope, ops, **layout) -> tuple:
+    def _blocks(self, x, emb, text_len, grid, rope, ops, offset=0, seq_len=None, parallel=None,
+                segments=None) -> tuple:
         """Every block in turn, every k-th checkpointed while grad is enabled (self.checkpointing = k) -> (x, the
-        last block's pending Residual, None without blocks). layout: CogVideoXBlock's offset / seq_len / parallel
-        (context parallelism) or segments (packing)."""
+        last block's pending Residual, None without blocks). offset / seq_len / parallel: context parallelism;
+        segments: packing (as CogVideoXBlock takes them)."""
         k = self.checkpointing if torch.is_grad_enabled() else 0
         residual = None
         for i, block in enumerate(self.transformer_blocks):
-            args, kwargs = (x, emb, text_len, grid, rope, ops), dict(layout, residual=residual)
-            x, residual = (checkpoint(block, *args, use_reentrant=False, **kwargs) if k and i % k == 0
-                           else block(*args, **kwargs))
+            args = (x, emb, text_len, grid, rope, ops, offset, seq_len, parallel, residual, segments)
+            x, residual = checkpoint(block, *args, use_reentrant=False) if k and i % k == 0 else block(*args)
         return x, residual
 
     def _norm_final(self, x, residual, ops, text_len, **layout) -> torch.Tensor:
