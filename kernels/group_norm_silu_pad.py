@@ -246,6 +246,18 @@ def _gn_activation(y, w_ptr, b_ptr, zs, zb, c, HAS_W: tl.constexpr, HAS_B: tl.co
 
 
 @triton.jit
+def _source_frame(tp, KT, HAS_CACHE: tl.constexpr):
+    """Padded output frame tp -> (front: one of the KT front frames; from_x: its values are x's (not the cache's);
+    t_src: the x frame they come from). Without a cache the front frames are the normalized frame 0."""
+    front = tp < KT
+    if HAS_CACHE:
+        from_x = tp >= KT
+    else:
+        from_x = tp >= 0
+    return front, from_x, tl.maximum(tp - KT, 0)
+
+
+@triton.jit
 def _gn_apply_kernel(x_ptr, cache_ptr, zs_ptr, zb_ptr, w_ptr, b_ptr, part_ptr, stats_ptr, rstd_ptr, out_ptr, nc_ptr,
                      C, G, T, H, W, KT, PH, PW, Tp, Ho, Wo, n_hb, P, eps,
                      sxb, sxc, sxt, sxh, scb, scc, sct, sch, ssb, ssc, sst, ssh, szb, szc, szt, szh,
@@ -260,12 +272,7 @@ def _gn_apply_kernel(x_ptr, cache_ptr, zs_ptr, zb_ptr, w_ptr, b_ptr, part_ptr, s
                                      b * sxb + (c // Cg) * Cg * sxc, eps, first, BLOCK_P)
     valid = in_out & (h_in >= 0) & (h_in < H) & (w_in >= 0) & (w_in < W)
     # scalar conditions enter masks through tl.where: the interpreter mistypes `block & scalar_bool` as an int mask
-    front = tp < KT
-    if HAS_CACHE:
-        from_x = tp >= KT
-    else:
-        from_x = tp >= 0                                   # front frames are the normalized frame 0
-    t_src = tl.maximum(tp - KT, 0)
+    front, from_x, t_src = _source_frame(tp, KT, HAS_CACHE)
     x_mask = tl.where(from_x, valid, False)
     v = tl.load(x_ptr + b * sxb + c * sxc + t_src * sxt + h_in * sxh + w_in, mask=x_mask, other=0.0)
     zs = 0.0
@@ -305,12 +312,7 @@ def _gn_apply_flat_kernel(x_ptr, cache_ptr, zs_ptr, zb_ptr, w_ptr, b_ptr, part_p
     first = (c % Cg == 0) & (tp == 0) & (chunk == 0)      # one program per group stores its statistics
     shift, mean, rstd = _group_stats(part_ptr, x_ptr, stats_ptr, rstd_ptr, b * G + c // Cg, P,
                                      (b * sxb + (c // Cg) * Cg * sxc) * VEC, eps, first, BLOCK_P)
-    front = tp < KT
-    if HAS_CACHE:
-        from_x = tp >= KT
-    else:
-        from_x = tp >= 0                                   # front frames are the normalized frame 0
-    t_src = tl.maximum(tp - KT, 0)
+    front, from_x, t_src = _source_frame(tp, KT, HAS_CACHE)
     nc_frame = tp - (Tp - KT)
     for i in range(ITERS):
         idx = (chunk * ITERS * BLOCK + i * BLOCK).to(tl.int32) + tl.arange(0, BLOCK)
